@@ -6,6 +6,7 @@
 pub mod frame;
 pub mod messages;
 mod mux;
+pub mod paths;
 
 pub use frame::{Channel, PROTOCOL_VERSION};
 pub use messages::*;
@@ -13,3 +14,4 @@ pub use mux::{
     serve, Client, ClientOptions, Handler, ProtocolError, Stream, StreamEvent, StreamReceiver,
     StreamSender,
 };
+pub use paths::DEFAULT_WORKDIR;

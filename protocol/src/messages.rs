@@ -147,7 +147,7 @@ pub struct ChmodRequest {
 #[serde(deny_unknown_fields)]
 pub struct SetTimeRequest {
     /// Nanoseconds since the Unix epoch.
-    pub unix_nanos: u128,
+    pub unix_nanos: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,7 +197,7 @@ pub enum StreamMessage {
 pub type Outcome = Result<Response, ErrorBody>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "reply", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
     Pong,
     Info(GuestInfo),
