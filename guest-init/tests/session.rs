@@ -1,0 +1,240 @@
+//! The agent behind the real multiplexer: a host `Client` on one end of a
+//! socket pair, the agent's session loop on the other, as over virtio-serial.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrakis_guest_init::agent;
+use arrakis_guest_init::cgroup::Cgroups;
+use arrakis_guest_init::exec::ExecContext;
+use arrakis_guest_init::handler::Agent;
+use arrakis_guest_init::port::Port;
+use arrakis_guest_init::supervisor;
+use arrakis_protocol::{
+    Channel, Client, ClientOptions, Command, ErrorCode, ExecRequest, ExitStatus, ProtocolError,
+    ReadFileRequest, Request, Response, Stream, StreamEvent, StreamMessage, WriteFileRequest,
+};
+use bytes::Bytes;
+
+async fn connect() -> Client {
+    let (guest, host) = tokio::net::UnixStream::pair().unwrap();
+    let port = Port::from_fd(guest.into_std().unwrap().into());
+    let handler = Arc::new(Agent::new(
+        ExecContext {
+            supervisor: supervisor::global(),
+            cgroups: Arc::new(Cgroups::disabled()),
+            root: "/".into(),
+        },
+        false,
+    ));
+    tokio::spawn(async move { agent::serve_port(&port, handler).await });
+    Client::connect(host, ClientOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Everything the guest sent on a stream until its reply.
+#[derive(Debug, Default)]
+struct Transcript {
+    started: Option<u32>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    file: Vec<u8>,
+    eofs: Vec<Channel>,
+    reply: Option<Result<Response, arrakis_protocol::ErrorBody>>,
+}
+
+async fn collect(stream: &mut Stream) -> Transcript {
+    let mut t = Transcript::default();
+    loop {
+        match stream.next().await.unwrap() {
+            StreamEvent::Message(StreamMessage::Started { pid }) => t.started = Some(pid),
+            StreamEvent::Data(Channel::Stdout, data) => t.stdout.extend_from_slice(&data),
+            StreamEvent::Data(Channel::Stderr, data) => t.stderr.extend_from_slice(&data),
+            StreamEvent::Data(Channel::File, data) => t.file.extend_from_slice(&data),
+            StreamEvent::Eof(channel) => t.eofs.push(channel),
+            StreamEvent::Closed(outcome) => {
+                t.reply = Some(outcome);
+                return t;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn shell(script: &str) -> Request {
+    Request::Exec(ExecRequest {
+        command: Command::Shell(script.into()),
+        ..ExecRequest::default()
+    })
+}
+
+#[tokio::test]
+async fn ping_and_info() {
+    let client = connect().await;
+    assert_eq!(client.agent_version(), agent::AGENT_VERSION);
+    assert_eq!(client.call(&Request::Ping).await.unwrap(), Response::Pong);
+    match client.call(&Request::Info).await.unwrap() {
+        Response::Info(info) => assert_eq!(info.agent_version, agent::AGENT_VERSION),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn exec_streams_output_then_replies() {
+    let client = connect().await;
+    let mut stream = client
+        .open(&shell("echo hi; echo oops >&2; exit 3"))
+        .await
+        .unwrap();
+    let t = collect(&mut stream).await;
+    assert!(t.started.is_some());
+    assert_eq!(t.stdout, b"hi\n");
+    assert_eq!(t.stderr, b"oops\n");
+    assert_eq!(t.eofs, [Channel::Stdout, Channel::Stderr]);
+    assert_eq!(
+        t.reply,
+        Some(Ok(Response::Exited(ExitStatus {
+            code: Some(3),
+            signal: None,
+            timed_out: false
+        })))
+    );
+}
+
+#[tokio::test]
+async fn large_output_and_stdin_pass_flow_control() {
+    let client = connect().await;
+    let mut stream = client
+        .open(&Request::Exec(ExecRequest {
+            command: Command::Argv(vec!["seq".into(), "1".into(), "800000".into()]),
+            ..ExecRequest::default()
+        }))
+        .await
+        .unwrap();
+    let t = collect(&mut stream).await;
+    let expected: String = (1..=800_000).map(|i| format!("{i}\n")).collect();
+    assert!(t.stdout == expected.as_bytes(), "{} bytes", t.stdout.len());
+
+    let stream = client
+        .open(&Request::Exec(ExecRequest {
+            command: Command::Argv(vec!["cat".into()]),
+            stdin: true,
+            ..ExecRequest::default()
+        }))
+        .await
+        .unwrap();
+    let input: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (sender, mut receiver) = stream.split();
+    let writer = tokio::spawn(async move {
+        sender
+            .send_data(Channel::Stdin, Bytes::from(input))
+            .await
+            .unwrap();
+        sender.send_eof(Channel::Stdin).await.unwrap();
+        sender
+    });
+    let mut echoed = Vec::new();
+    let reply = loop {
+        match receiver.next().await.unwrap() {
+            StreamEvent::Data(Channel::Stdout, data) => echoed.extend_from_slice(&data),
+            StreamEvent::Closed(outcome) => break outcome,
+            _ => {}
+        }
+    };
+    let _sender = writer.await.unwrap();
+    assert_eq!(echoed.len(), 2_000_000);
+    assert!(echoed
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == (i % 253) as u8));
+    assert!(matches!(
+        reply,
+        Ok(Response::Exited(ExitStatus { code: Some(0), .. }))
+    ));
+}
+
+#[tokio::test]
+async fn files_round_trip_and_errors() {
+    let client = connect().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/blob.bin").display().to_string();
+    let content: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(31) >> 2) as u8)
+        .collect();
+
+    let stream = client
+        .open(&Request::WriteFile(WriteFileRequest {
+            path: path.clone(),
+            mode: Some(0o600),
+            create_parents: true,
+            append: false,
+        }))
+        .await
+        .unwrap();
+    let (sender, mut receiver) = stream.split();
+    let body = Bytes::from(content.clone());
+    let writer = tokio::spawn(async move {
+        sender.send_data(Channel::File, body).await.unwrap();
+        sender.send_eof(Channel::File).await.unwrap();
+        sender
+    });
+    let reply = loop {
+        if let StreamEvent::Closed(outcome) = receiver.next().await.unwrap() {
+            break outcome;
+        }
+    };
+    let _sender = writer.await.unwrap();
+    assert_eq!(reply, Ok(Response::FileWritten { bytes: 1_500_000 }));
+
+    let mut stream = client
+        .open(&Request::ReadFile(ReadFileRequest {
+            path: path.clone(),
+            offset: 0,
+            length: None,
+        }))
+        .await
+        .unwrap();
+    let t = collect(&mut stream).await;
+    assert!(t.file == content, "read back {} bytes", t.file.len());
+    assert_eq!(t.reply, Some(Ok(Response::FileRead { bytes: 1_500_000 })));
+
+    let missing = dir.path().join("missing").display().to_string();
+    let err = client
+        .call(&Request::ReadFile(ReadFileRequest {
+            path: missing.clone(),
+            offset: 0,
+            length: None,
+        }))
+        .await
+        .unwrap_err();
+    match err {
+        ProtocolError::Remote(body) => {
+            assert_eq!(body.code, ErrorCode::NotFound);
+            assert!(body.message.contains(&missing), "{}", body.message);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn abandoned_exec_is_killed() {
+    let client = connect().await;
+    let mut stream = client.open(&shell("sleep 100")).await.unwrap();
+    let pid = match stream.next().await.unwrap() {
+        StreamEvent::Message(StreamMessage::Started { pid }) => pid,
+        other => panic!("unexpected {other:?}"),
+    };
+    // Dropping the host's stream resets it; the guest kills the tree.
+    drop(stream);
+    let proc_dir = format!("/proc/{pid}");
+    for _ in 0..300 {
+        if !std::path::Path::new(&proc_dir).exists() {
+            // The agent still answers afterwards.
+            assert_eq!(client.call(&Request::Ping).await.unwrap(), Response::Pong);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pid {pid} survived the reset");
+}
