@@ -1,0 +1,177 @@
+//! The error every [`crate::Manager`] operation returns, and its
+//! [`ErrorKind`] for front ends to map to protocol codes (HTTP status,
+//! ttrpc code). Kinds come from the variant, never from message text.
+
+use std::path::PathBuf;
+
+use arrakis_protocol::ErrorCode;
+
+use crate::agent::{AgentError, ReadyError};
+use crate::config::ConfigError;
+use crate::sandbox::{Operation, SandboxState};
+use crate::store::StoreError;
+use crate::vmm::VmmError;
+
+/// How a front end should classify an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input (HTTP 400/422).
+    InvalidArgument,
+    /// No such sandbox, or no such guest path (404).
+    NotFound,
+    /// The name is taken, or the guest path exists (409).
+    AlreadyExists,
+    /// The sandbox's state does not allow the operation, or another
+    /// operation holds it (409).
+    Conflict,
+    /// The guest denied access to a path (403).
+    PermissionDenied,
+    /// The host is not set up for this (missing kernel, image...) (500/503).
+    FailedPrecondition,
+    /// Everything else: VMM, agent, storage failures (500).
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid {field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no sandbox named {name:?}")]
+    NotFound { name: String },
+    #[error("a sandbox named {name:?} already exists")]
+    AlreadyExists { name: String },
+    #[error("cannot {op} sandbox {name:?}: it is {state}")]
+    InvalidState {
+        name: String,
+        state: SandboxState,
+        op: Operation,
+    },
+    #[error("sandbox {name:?} is busy with another operation; try again")]
+    Busy { name: String },
+    #[error("{what} not found at {path}: {hint}")]
+    MissingArtifact {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    #[error("invalid runtime configuration")]
+    Config(#[from] ConfigError),
+    /// The VM started but its agent never answered. `reason` is part of
+    /// the message (not a `source`) so the console tail comes last.
+    #[error("sandbox {name:?} did not boot: {reason}\n--- last console lines ---\n{console_tail}")]
+    Boot {
+        name: String,
+        reason: ReadyError,
+        console_tail: String,
+    },
+    #[error("sandbox {name:?}: guest agent error")]
+    Agent {
+        name: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("sandbox {name:?}: VMM error")]
+    Vmm {
+        name: String,
+        #[source]
+        source: VmmError,
+    },
+    #[error("state store error")]
+    Store(#[from] StoreError),
+    #[error("{op} {path} failed")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RuntimeError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            RuntimeError::NotFound { .. } => ErrorKind::NotFound,
+            RuntimeError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            RuntimeError::InvalidState { .. } | RuntimeError::Busy { .. } => ErrorKind::Conflict,
+            RuntimeError::MissingArtifact { .. } | RuntimeError::Config(_) => {
+                ErrorKind::FailedPrecondition
+            }
+            RuntimeError::Agent { source, .. } => agent_kind(source),
+            RuntimeError::Boot { .. }
+            | RuntimeError::Vmm { .. }
+            | RuntimeError::Store(_)
+            | RuntimeError::Io { .. } => ErrorKind::Internal,
+        }
+    }
+
+    /// The error and all its causes on one line, for logs and API bodies.
+    pub fn chain(&self) -> String {
+        crate::agent::error_chain(self)
+    }
+}
+
+fn agent_kind(error: &AgentError) -> ErrorKind {
+    match error {
+        AgentError::InvalidPath(_) | AgentError::InvalidRequest(_) => ErrorKind::InvalidArgument,
+        AgentError::Remote { body, .. } => match body.code {
+            ErrorCode::InvalidArgument | ErrorCode::WrongKind => ErrorKind::InvalidArgument,
+            ErrorCode::NotFound => ErrorKind::NotFound,
+            ErrorCode::AlreadyExists => ErrorKind::AlreadyExists,
+            ErrorCode::PermissionDenied => ErrorKind::PermissionDenied,
+            ErrorCode::Cancelled | ErrorCode::Unsupported | ErrorCode::Internal => {
+                ErrorKind::Internal
+            }
+        },
+        AgentError::Connect { .. }
+        | AgentError::Protocol { .. }
+        | AgentError::Unexpected { .. }
+        | AgentError::LocalIo { .. } => ErrorKind::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrakis_protocol::ErrorBody;
+
+    #[test]
+    fn kinds_follow_variants() {
+        let state = RuntimeError::InvalidState {
+            name: "a".into(),
+            state: SandboxState::Stopped,
+            op: Operation::Pause,
+        };
+        assert_eq!(state.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            state.to_string(),
+            "cannot pause sandbox \"a\": it is stopped"
+        );
+        let remote = |code| RuntimeError::Agent {
+            name: "a".into(),
+            source: AgentError::Remote {
+                op: "stat",
+                body: ErrorBody::new(code, "x"),
+            },
+        };
+        assert_eq!(remote(ErrorCode::NotFound).kind(), ErrorKind::NotFound);
+        assert_eq!(
+            remote(ErrorCode::PermissionDenied).kind(),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(remote(ErrorCode::Internal).kind(), ErrorKind::Internal);
+        let path = RuntimeError::Agent {
+            name: "a".into(),
+            source: AgentError::InvalidPath(ErrorBody::new(ErrorCode::InvalidArgument, "empty")),
+        };
+        assert_eq!(path.kind(), ErrorKind::InvalidArgument);
+        assert!(
+            path.chain().contains("invalid path: empty"),
+            "{}",
+            path.chain()
+        );
+    }
+}

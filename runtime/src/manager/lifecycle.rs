@@ -1,0 +1,467 @@
+//! The lifecycle operations, each a sequence of named steps: create
+//! (validate -> reserve -> provision disk -> boot), start, stop,
+//! pause/resume, destroy (teardown).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{create_private_dir, lock_error, Manager, SandboxInfo};
+use crate::agent::AgentClient;
+use crate::error::RuntimeError;
+use crate::layout::ID_HEX_LEN;
+use crate::lock::SandboxLock;
+use crate::process;
+use crate::sandbox::{Operation, SandboxState};
+use crate::spec::{self, SandboxSpec};
+use crate::store::{SandboxRecord, StoreError};
+use crate::vmm::qemu::{self, create_overlay};
+use crate::vmm::{VmHandle, VmSpec, VmStatus};
+
+/// Console lines quoted in a boot error.
+const CONSOLE_TAIL_LINES: usize = 40;
+
+const SETUP_HINT: &str = "run scripts/setup, or point the runtime config at it";
+
+impl Manager {
+    pub(super) async fn create_inner(
+        &self,
+        spec: SandboxSpec,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        let record = self.validate_new(&spec)?;
+        let lock_path = self.inner.layout.lock_file(&record.id);
+        let lock = SandboxLock::try_acquire(&lock_path)
+            .map_err(|e| lock_error(&record.name, e))?
+            .ok_or_else(|| RuntimeError::Busy {
+                name: record.name.clone(),
+            })?;
+        if let Err(error) = self.inner.store.insert(&record) {
+            remove_file_if_exists(&lock_path);
+            return Err(match error {
+                StoreError::Duplicate { name } => RuntimeError::AlreadyExists { name },
+                other => other.into(),
+            });
+        }
+        tracing::info!(id = %record.id, vcpus = record.vcpus, memory_mb = record.memory_mb, image = %record.image, "creating sandbox");
+        let mut record = record;
+        let result = async {
+            self.provision(&record).await?;
+            self.boot(&mut record).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                drop(lock);
+                Ok(self.info(&record))
+            }
+            Err(error) => {
+                tracing::warn!(error = %crate::agent::error_chain(&error), "create failed; cleaning up");
+                if let Err(cleanup) = self.teardown(&record).await {
+                    tracing::error!(error = %cleanup.chain(), "cleanup after a failed create failed");
+                }
+                drop(lock);
+                Err(error)
+            }
+        }
+    }
+
+    /// Checks the request and the host's artifacts; nothing is created.
+    fn validate_new(&self, spec: &SandboxSpec) -> Result<SandboxRecord, RuntimeError> {
+        let config = &self.inner.config;
+        let resolved = spec::resolve(spec, config).map_err(|e| RuntimeError::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        })?;
+        require_file("guest kernel", &config.kernel)?;
+        require_file("guest initramfs", &config.initramfs)?;
+        let image_path = match std::fs::canonicalize(&resolved.image_path) {
+            Ok(path) if path.is_file() => path,
+            _ if spec.image.is_none() => {
+                return Err(RuntimeError::MissingArtifact {
+                    what: "default base image",
+                    path: resolved.image_path,
+                    hint: SETUP_HINT,
+                })
+            }
+            _ => {
+                return Err(RuntimeError::InvalidArgument {
+                    field: "image",
+                    message: format!(
+                        "no image named {:?} (no file {}); available: {}",
+                        resolved.image,
+                        resolved.image_path.display(),
+                        self.available_images().join(", ")
+                    ),
+                })
+            }
+        };
+        Ok(SandboxRecord {
+            name: resolved.name,
+            id: new_id()?,
+            vcpus: resolved.vcpus,
+            memory_mb: resolved.memory_mb,
+            image: resolved.image,
+            image_path,
+            state: SandboxState::Creating,
+            pid: None,
+            accel: self.inner.accel.kind(),
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            boot_count: 0,
+        })
+    }
+
+    fn available_images(&self) -> Vec<String> {
+        let dir = &self.inner.config.images_dir;
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| spec::image_path(dir, name).is_file())
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            names.push("(none)".to_string());
+        }
+        names
+    }
+
+    /// The sandbox directory and its disk overlay.
+    async fn provision(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
+        let dir = self.inner.layout.sandbox_dir(&record.id);
+        create_private_dir(dir.path())?;
+        create_overlay(
+            &self.inner.config.qemu_img_binary,
+            &record.image_path,
+            &dir.overlay(),
+        )
+        .await
+        .map_err(|source| RuntimeError::Vmm {
+            name: record.name.clone(),
+            source,
+        })
+    }
+
+    fn vm_spec(&self, record: &SandboxRecord) -> VmSpec {
+        let config = &self.inner.config;
+        let dir = self.inner.layout.sandbox_dir(&record.id);
+        VmSpec {
+            hostname: spec::hostname_for(&record.name),
+            disk: dir.overlay(),
+            dir,
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            accel: self.inner.accel.clone(),
+            extra_kernel_args: config.extra_kernel_args.clone(),
+        }
+    }
+
+    /// Launches QEMU for a `Creating` or `Starting` record and waits for the
+    /// agent; on success the record is `Running`. On failure QEMU is killed
+    /// and the record keeps its state (the caller decides what follows).
+    async fn boot(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
+        let running = self.check(record, Operation::Booted)?;
+        let vm = self
+            .inner
+            .vmm
+            .launch(&self.vm_spec(record))
+            .await
+            .map_err(|source| RuntimeError::Vmm {
+                name: record.name.clone(),
+                source,
+            })?;
+        self.inner
+            .store
+            .record_boot(&record.name, &record.id, record.state, vm.pid)?;
+        record.pid = Some(vm.pid);
+        record.boot_count += 1;
+        tracing::info!(pid = vm.pid, "VM launched; waiting for the agent");
+        let vmm = self.inner.vmm.clone();
+        let ready = AgentClient::wait_ready(
+            &vm.dir.agent_socket(),
+            self.inner.config.boot_timeout(),
+            || vmm.is_alive(&vm),
+        )
+        .await;
+        match ready {
+            Ok(agent) => {
+                *self.agent_slot(&record.id).lock().await = Some(agent);
+                self.inner
+                    .store
+                    .set_state(&record.name, &record.id, running, record.pid)?;
+                record.state = running;
+                tracing::info!(agent = %self.agent_version(&record.id).await, "sandbox running");
+                Ok(())
+            }
+            Err(reason) => {
+                let _ = self.inner.vmm.kill(&vm).await;
+                Err(RuntimeError::Boot {
+                    name: record.name.clone(),
+                    reason,
+                    console_tail: qemu::last_lines(&vm.dir.console_log(), CONSOLE_TAIL_LINES),
+                })
+            }
+        }
+    }
+
+    async fn agent_version(&self, id: &str) -> String {
+        let slot = self.agent_slot(id);
+        let guard = slot.lock().await;
+        guard
+            .as_ref()
+            .map(|a| a.agent_version().to_string())
+            .unwrap_or_default()
+    }
+
+    pub(super) async fn start_inner(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        let (_lock, mut record) = self.lock(name).await?;
+        let starting = self.check(&record, Operation::Start)?;
+        let overlay = self.inner.layout.sandbox_dir(&record.id).overlay();
+        if !overlay.is_file() {
+            return Err(RuntimeError::Io {
+                op: "find the disk of",
+                path: overlay,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        self.inner
+            .store
+            .set_state(name, &record.id, starting, None)?;
+        record.state = starting;
+        if let Err(error) = self.boot(&mut record).await {
+            let stopped = self.check(&record, Operation::BootFailed)?;
+            self.inner
+                .store
+                .set_state(name, &record.id, stopped, None)?;
+            return Err(error);
+        }
+        Ok(self.info(&record))
+    }
+
+    pub(super) async fn stop_inner(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        let (_lock, mut record) = self.lock(name).await?;
+        let stopping = self.check(&record, Operation::Stop)?;
+        let was_paused = record.state == SandboxState::Paused;
+        self.inner
+            .store
+            .set_state(name, &record.id, stopping, record.pid)?;
+        record.state = stopping;
+        if let Some(vm) = self.handle(&record) {
+            self.power_off(&record, &vm, was_paused).await?;
+        }
+        self.forget_agent(&record.id);
+        let stopped = self.check(&record, Operation::Halted)?;
+        self.inner
+            .store
+            .set_state(name, &record.id, stopped, None)?;
+        record.state = stopped;
+        record.pid = None;
+        tracing::info!("sandbox stopped");
+        Ok(self.info(&record))
+    }
+
+    /// Asks the guest to power off, then QEMU to quit, then kills it.
+    async fn power_off(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+        paused: bool,
+    ) -> Result<(), RuntimeError> {
+        let vmm = &self.inner.vmm;
+        let vmm_err = |source| RuntimeError::Vmm {
+            name: record.name.clone(),
+            source,
+        };
+        if paused {
+            vmm.resume(vm).await.map_err(vmm_err)?;
+        }
+        let polite = async {
+            let agent = self.agent_for(record).await?;
+            agent
+                .shutdown()
+                .await
+                .map_err(|source| RuntimeError::Agent {
+                    name: record.name.clone(),
+                    source,
+                })
+        };
+        match tokio::time::timeout(self.inner.config.stop_timeout(), polite).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error.chain(), "agent shutdown failed"),
+            Err(_) => tracing::warn!("agent shutdown did not answer"),
+        }
+        if process::wait_gone(vm.pid, vm.dir.path(), self.inner.config.stop_timeout()).await {
+            return Ok(());
+        }
+        tracing::warn!("guest did not power off in time; quitting QEMU");
+        if let Err(error) = vmm.quit(vm).await {
+            tracing::warn!(error = %crate::agent::error_chain(&error), "QMP quit failed");
+        }
+        if process::wait_gone(vm.pid, vm.dir.path(), Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        vmm.kill(vm).await.map_err(vmm_err)
+    }
+
+    pub(super) async fn pause_or_resume(
+        &self,
+        name: &str,
+        op: Operation,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        let (_lock, mut record) = self.lock(name).await?;
+        let next = self.check(&record, op)?;
+        let vm = self
+            .handle(&record)
+            .ok_or_else(|| RuntimeError::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                op,
+            })?;
+        let result = match op {
+            Operation::Pause => self.inner.vmm.pause(&vm).await,
+            _ => self.inner.vmm.resume(&vm).await,
+        };
+        if let Err(source) = result {
+            if !self.inner.vmm.is_alive(&vm) {
+                self.mark_died(&mut record)?;
+            }
+            return Err(RuntimeError::Vmm {
+                name: name.to_string(),
+                source,
+            });
+        }
+        let want = if next == SandboxState::Paused {
+            VmStatus::Paused
+        } else {
+            VmStatus::Running
+        };
+        let status = self
+            .inner
+            .vmm
+            .status(&vm)
+            .await
+            .map_err(|source| RuntimeError::Vmm {
+                name: name.to_string(),
+                source,
+            })?;
+        if status != want {
+            tracing::warn!(?status, ?want, "VMM reports an unexpected run state");
+        }
+        self.inner
+            .store
+            .set_state(name, &record.id, next, record.pid)?;
+        record.state = next;
+        Ok(self.info(&record))
+    }
+
+    /// Records that QEMU died under a running sandbox.
+    fn mark_died(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
+        let crashed = self.check(record, Operation::Died)?;
+        self.inner
+            .store
+            .set_state(&record.name, &record.id, crashed, None)?;
+        record.state = crashed;
+        record.pid = None;
+        self.forget_agent(&record.id);
+        tracing::warn!("QEMU exited unexpectedly; sandbox marked {crashed}");
+        Ok(())
+    }
+
+    pub(super) async fn destroy_inner(&self, name: &str) -> Result<(), RuntimeError> {
+        let (_lock, record) = self.lock(name).await?;
+        let destroying = self.check(&record, Operation::Destroy)?;
+        self.inner
+            .store
+            .set_state(name, &record.id, destroying, record.pid)?;
+        self.teardown(&record).await?;
+        tracing::info!("sandbox destroyed");
+        Ok(())
+    }
+
+    /// Kills QEMU if it runs, then removes the directory, the record and the
+    /// lock file, in that order, so an interrupted teardown can be resumed.
+    /// The caller holds the lock.
+    pub(super) async fn teardown(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
+        self.forget_agent(&record.id);
+        let dir = self.inner.layout.sandbox_dir(&record.id);
+        for pid in record.pid.into_iter().chain(pid_from_file(&dir.pid_file())) {
+            let vm = VmHandle {
+                pid,
+                dir: dir.clone(),
+            };
+            if self.inner.vmm.is_alive(&vm) {
+                self.inner
+                    .vmm
+                    .kill(&vm)
+                    .await
+                    .map_err(|source| RuntimeError::Vmm {
+                        name: record.name.clone(),
+                        source,
+                    })?;
+            }
+        }
+        match std::fs::remove_dir_all(dir.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(RuntimeError::Io {
+                    op: "remove",
+                    path: dir.path().to_path_buf(),
+                    source,
+                })
+            }
+        }
+        self.inner.store.delete(&record.name, &record.id)?;
+        remove_file_if_exists(&self.inner.layout.lock_file(&record.id));
+        Ok(())
+    }
+}
+
+fn require_file(what: &'static str, path: &Path) -> Result<(), RuntimeError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(RuntimeError::MissingArtifact {
+            what,
+            path: path.to_path_buf(),
+            hint: SETUP_HINT,
+        })
+    }
+}
+
+/// A pid QEMU wrote, if any (a launch may have died before we recorded it).
+pub(super) fn pid_from_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn remove_file_if_exists(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), %error, "cannot remove file");
+        }
+    }
+}
+
+/// A fresh random sandbox id.
+fn new_id() -> Result<String, RuntimeError> {
+    let path = PathBuf::from("/dev/urandom");
+    let mut bytes = [0u8; ID_HEX_LEN / 2];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(&path).map_err(|source| RuntimeError::Io {
+            op: "open",
+            path: path.clone(),
+            source,
+        })?,
+        &mut bytes,
+    )
+    .map_err(|source| RuntimeError::Io {
+        op: "read",
+        path,
+        source,
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

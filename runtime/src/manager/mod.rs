@@ -1,0 +1,323 @@
+//! [`Manager`]: the one entry point for sandbox operations on this host.
+//!
+//! Ownership: the true owner of a sandbox is its record in the store plus
+//! its lock file, not a task in this process, because several manager
+//! processes (the CLI runs one per command) share a state directory and VMs
+//! outlive all of them. Every lifecycle operation takes the sandbox's
+//! `flock`, re-reads the record, checks the transition with
+//! [`SandboxState::on`], acts, and records the result. Agent use (exec,
+//! files) takes no lock: many calls run concurrently on one shared session.
+//!
+//! [`Manager::open`] reconciles records with reality first (see
+//! [`reconcile`]). The manager is `Clone + Send + Sync`; no std mutex is
+//! held across an `.await`.
+
+mod lifecycle;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::accel::{Accel, AccelKind, HostFacts};
+use crate::agent::AgentClient;
+use crate::config::RuntimeConfig;
+use crate::error::RuntimeError;
+use crate::layout::StateLayout;
+use crate::lock::{LockError, SandboxLock};
+use crate::sandbox::{Operation, SandboxState};
+use crate::spec::SandboxSpec;
+use crate::store::{SandboxRecord, Store};
+use crate::vmm::qemu::Qemu;
+use crate::vmm::{VmHandle, Vmm};
+
+/// Handshake bound when connecting to the agent of a running sandbox.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What callers see of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxInfo {
+    pub name: String,
+    pub id: String,
+    pub state: SandboxState,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub image: String,
+    /// QEMU's pid while it runs.
+    pub pid: Option<u32>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub accel: AccelKind,
+    pub boot_count: u32,
+    /// The guest serial console of the current (or last) boot.
+    pub console_log: PathBuf,
+}
+
+/// The agent session of one sandbox, connected on first use.
+type AgentSlot = Arc<tokio::sync::Mutex<Option<AgentClient>>>;
+
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RuntimeConfig,
+    layout: StateLayout,
+    accel: Accel,
+    store: Store,
+    vmm: Arc<dyn Vmm>,
+    /// Keyed by sandbox id. The std mutex guards only map access.
+    agents: Mutex<HashMap<String, AgentSlot>>,
+}
+
+impl Manager {
+    /// Opens the state directory with the QEMU backend and reconciles it.
+    pub async fn open(config: RuntimeConfig) -> Result<Manager, RuntimeError> {
+        let vmm = Arc::new(Qemu::new(&config.qemu_binary));
+        Manager::open_with(config, vmm, &HostFacts::probe()).await
+    }
+
+    /// [`Manager::open`] with a given VMM backend and host facts.
+    pub async fn open_with(
+        config: RuntimeConfig,
+        vmm: Arc<dyn Vmm>,
+        host: &HostFacts,
+    ) -> Result<Manager, RuntimeError> {
+        config.validate()?;
+        let accel = Accel::choose(config.accel, host, config.tcg_tb_size_mb).map_err(|e| {
+            RuntimeError::InvalidArgument {
+                field: "accel",
+                message: e.to_string(),
+            }
+        })?;
+        let layout = StateLayout::new(&config.state_dir);
+        create_private_dir(layout.root())?;
+        create_private_dir(&layout.sandboxes_dir())?;
+        let store = Store::open(&layout.database())?;
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                config,
+                layout,
+                accel,
+                store,
+                vmm,
+                agents: Mutex::new(HashMap::new()),
+            }),
+        };
+        manager.reconcile_all().await?;
+        Ok(manager)
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The accelerator new boots use.
+    pub fn accel(&self) -> &Accel {
+        &self.inner.accel
+    }
+
+    /// Creates and boots a sandbox; returns once its agent answers. On any
+    /// failure everything created is removed again.
+    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
+        let span = tracing::info_span!("sandbox", name = %spec.name);
+        self.create_inner(spec).instrument(span).await
+    }
+
+    /// Boots a stopped or crashed sandbox again, on its existing disk.
+    pub async fn start(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        self.start_inner(name).instrument(span(name)).await
+    }
+
+    /// Powers the guest off (agent shutdown, then QMP quit, then SIGKILL).
+    pub async fn stop(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        self.stop_inner(name).instrument(span(name)).await
+    }
+
+    /// Freezes the VM's vCPUs.
+    pub async fn pause(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        self.pause_or_resume(name, Operation::Pause)
+            .instrument(span(name))
+            .await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        self.pause_or_resume(name, Operation::Resume)
+            .instrument(span(name))
+            .await
+    }
+
+    /// Kills the VM if it runs and removes the sandbox's files and record.
+    pub async fn destroy(&self, name: &str) -> Result<(), RuntimeError> {
+        self.destroy_inner(name).instrument(span(name)).await
+    }
+
+    /// One sandbox, with its liveness refreshed.
+    pub async fn get(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
+        let record = self.record(name)?;
+        let record = self.refresh(record).await?;
+        record
+            .map(|r| self.info(&r))
+            .ok_or_else(|| RuntimeError::NotFound {
+                name: name.to_string(),
+            })
+    }
+
+    /// Every sandbox, by name, with liveness refreshed (a QEMU that died
+    /// shows as crashed).
+    pub async fn list(&self) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        let mut infos = Vec::new();
+        for record in self.inner.store.list()? {
+            if let Some(record) = self.refresh(record).await? {
+                infos.push(self.info(&record));
+            }
+        }
+        Ok(infos)
+    }
+
+    /// The guest agent of a running sandbox.
+    pub async fn agent(&self, name: &str) -> Result<AgentClient, RuntimeError> {
+        let record = self.record(name)?;
+        let record = self
+            .refresh(record)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound {
+                name: name.to_string(),
+            })?;
+        self.check(&record, Operation::Agent)?;
+        self.agent_for(&record).await
+    }
+
+    fn record(&self, name: &str) -> Result<SandboxRecord, RuntimeError> {
+        self.inner
+            .store
+            .get(name)?
+            .ok_or_else(|| RuntimeError::NotFound {
+                name: name.to_string(),
+            })
+    }
+
+    /// Checks that `op` is legal now; returns the state after it.
+    fn check(&self, record: &SandboxRecord, op: Operation) -> Result<SandboxState, RuntimeError> {
+        record.state.on(op).map_err(|e| RuntimeError::InvalidState {
+            name: record.name.clone(),
+            state: e.from,
+            op: e.op,
+        })
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.inner.config.boot_timeout()
+            + self.inner.config.stop_timeout()
+            + Duration::from_secs(15)
+    }
+
+    /// Takes the sandbox's lock and returns its record as of then.
+    async fn lock(&self, name: &str) -> Result<(SandboxLock, SandboxRecord), RuntimeError> {
+        let record = self.record(name)?;
+        let path = self.inner.layout.lock_file(&record.id);
+        let lock = SandboxLock::acquire(&path, self.lock_timeout())
+            .await
+            .map_err(|e| lock_error(name, e))?;
+        // The record may have changed (or gone, or been re-created under a
+        // new id) while we waited.
+        match self.inner.store.get(name)? {
+            Some(current) if current.id == record.id => Ok((lock, current)),
+            _ => {
+                // Destroyed while we waited: our open re-created its lock file.
+                let _ = std::fs::remove_file(&path);
+                Err(RuntimeError::NotFound {
+                    name: name.to_string(),
+                })
+            }
+        }
+    }
+
+    fn handle(&self, record: &SandboxRecord) -> Option<VmHandle> {
+        let dir = self.inner.layout.sandbox_dir(&record.id);
+        record.pid.map(|pid| VmHandle { pid, dir })
+    }
+
+    fn info(&self, record: &SandboxRecord) -> SandboxInfo {
+        SandboxInfo {
+            name: record.name.clone(),
+            id: record.id.clone(),
+            state: record.state,
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+            image: record.image.clone(),
+            pid: record.pid,
+            created_at: record.created_at,
+            accel: record.accel,
+            boot_count: record.boot_count,
+            console_log: self.inner.layout.sandbox_dir(&record.id).console_log(),
+        }
+    }
+
+    fn agent_slot(&self, id: &str) -> AgentSlot {
+        let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.entry(id.to_string()).or_default().clone()
+    }
+
+    fn forget_agent(&self, id: &str) {
+        let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.remove(id);
+    }
+
+    /// The cached agent session of `record`, connecting if there is none.
+    async fn agent_for(&self, record: &SandboxRecord) -> Result<AgentClient, RuntimeError> {
+        let slot = self.agent_slot(&record.id);
+        let mut guard = slot.lock().await;
+        if let Some(agent) = guard.as_ref().filter(|a| a.is_connected()) {
+            return Ok(agent.clone());
+        }
+        let socket = self.inner.layout.sandbox_dir(&record.id).agent_socket();
+        let agent = AgentClient::connect(&socket, AGENT_CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| RuntimeError::Agent {
+                name: record.name.clone(),
+                source,
+            })?;
+        *guard = Some(agent.clone());
+        Ok(agent)
+    }
+}
+
+fn span(name: &str) -> tracing::Span {
+    tracing::info_span!("sandbox", name = %name)
+}
+
+fn lock_error(name: &str, error: LockError) -> RuntimeError {
+    match error {
+        LockError::Timeout { .. } => RuntimeError::Busy {
+            name: name.to_string(),
+        },
+        LockError::Io { path, source } => RuntimeError::Io {
+            op: "lock",
+            path,
+            source,
+        },
+    }
+}
+
+/// Creates `path` (and parents) with mode 0700 if missing.
+fn create_private_dir(path: &std::path::Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| RuntimeError::Io {
+            op: "create directory",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,662 @@
+//! Real-VM tests of the runtime: QEMU boots our kernel, initramfs and base
+//! image. They need the artifacts from `scripts/setup` (under
+//! `$ARRAKIS_HOME`, default `~/.cache/arrakis`) and FAIL, naming what is
+//! missing, when those are absent.
+//!
+//! Each test has its own temporary state directory and a guard that kills
+//! every QEMU started under it, even when the test fails; each is bounded in
+//! time. Every test boots at most two VMs; run with `--test-threads=2` or
+//! fewer on a 2-core machine.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arrakis_protocol::{Command, ErrorCode, ExecRequest, FileKind};
+use arrakis_runtime::{
+    AgentClient, AgentError, ErrorKind, ExecOptions, Manager, RuntimeConfig, RuntimeError,
+    SandboxSpec, SandboxState, WriteOptions,
+};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+/// Upper bound of any one test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// A temporary state directory on the real artifacts, and the guard that
+/// kills its VMs.
+struct TestEnv {
+    config: RuntimeConfig,
+    _state: tempfile::TempDir,
+}
+
+impl TestEnv {
+    fn new() -> TestEnv {
+        let state = tempfile::Builder::new()
+            .prefix("arrakis-vm-")
+            .tempdir()
+            .expect("temp dir");
+        let mut config = RuntimeConfig::from_env().expect("runtime config from the environment");
+        config.state_dir = state.path().join("state");
+        config.boot_timeout_secs = 120;
+        let image = config
+            .images_dir
+            .join(&config.default_image)
+            .join("rootfs.ext4");
+        let missing: Vec<String> = [
+            ("kernel", &config.kernel),
+            ("initramfs", &config.initramfs),
+            ("default image", &image),
+        ]
+        .iter()
+        .filter(|(_, path)| !path.is_file())
+        .map(|(what, path)| format!("{what} ({})", path.display()))
+        .collect();
+        assert!(
+            missing.is_empty(),
+            "VM test artifacts are missing: {}. Run scripts/setup (or set ARRAKIS_HOME) first.",
+            missing.join(", ")
+        );
+        TestEnv {
+            config,
+            _state: state,
+        }
+    }
+
+    async fn manager(&self) -> Manager {
+        Manager::open(self.config.clone())
+            .await
+            .expect("open the manager")
+    }
+
+    fn sandboxes_dir(&self) -> PathBuf {
+        self.config.state_dir.join("sandboxes")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for pid in qemu_pids_under(&self.sandboxes_dir()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Pids of live processes whose command line mentions `dir`.
+fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| String::from_utf8_lossy(&raw).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Runs a test body on a multi-threaded runtime, bounded in time.
+fn run<F: Future<Output = ()>>(body: F) {
+    // Logs go to the test's captured output, shown when it fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "arrakis_runtime=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            tokio::time::timeout(TEST_TIMEOUT, body)
+                .await
+                .expect("test exceeded its time bound")
+        });
+}
+
+fn shell(script: &str) -> ExecRequest {
+    ExecRequest {
+        command: Command::Shell(script.to_string()),
+        ..ExecRequest::default()
+    }
+}
+
+async fn sh(agent: &AgentClient, script: &str) -> (String, String, i32) {
+    let out = agent
+        .exec(shell(script), ExecOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e:?}"));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.shell_code(),
+    )
+}
+
+/// The version string in a bzImage's setup header (`kernel_version` field),
+/// e.g. `6.1.192 (arrakis@arrakis) #1 SMP Tue Nov 24 12:14:27 UTC 2026`.
+fn kernel_version_string(bzimage: &Path) -> String {
+    let image = std::fs::read(bzimage).expect("read the kernel");
+    let field = u16::from_le_bytes([image[0x20e], image[0x20f]]) as usize + 0x200;
+    let end = image[field..].iter().position(|b| *b == 0).expect("NUL") + field;
+    String::from_utf8_lossy(&image[field..end]).into_owned()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+#[test]
+fn boots_our_kernel_and_runs_processes() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let info = manager
+            .create(SandboxSpec::named("exec-box"))
+            .await
+            .expect("create");
+        assert_eq!(info.state, SandboxState::Running);
+        assert!(info.pid.is_some());
+        let agent = manager.agent("exec-box").await.unwrap();
+
+        let (uname, _, code) = sh(&agent, "uname -a").await;
+        assert_eq!(code, 0);
+        let guest = agent.info().await.unwrap();
+        assert!(uname.contains(&guest.kernel_release), "{uname}");
+        // The booted kernel is the artifact: same release and build stamp.
+        let built = kernel_version_string(&env.config.kernel);
+        let (release, rest) = built.split_once(' ').expect("version string");
+        let stamp = rest
+            .split_once(") ")
+            .map(|(_, stamp)| stamp)
+            .expect("build stamp");
+        assert!(
+            built.contains("(arrakis@arrakis)"),
+            "not our kernel build: {built}"
+        );
+        assert!(
+            uname.contains(release) && uname.contains(stamp),
+            "{uname} vs {built}"
+        );
+        assert_eq!(guest.hostname, "exec-box");
+        let (os, _, _) = sh(&agent, "cat /etc/os-release").await;
+        assert!(os.contains("VERSION_CODENAME=bookworm"), "{os}");
+
+        // Exit codes, including death by signal.
+        assert_eq!(sh(&agent, "true").await.2, 0);
+        assert_eq!(sh(&agent, "false").await.2, 1);
+        let killed = agent
+            .exec(shell("kill -9 $$"), ExecOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(killed.status.signal, Some(9));
+        assert_eq!(killed.status.shell_code(), 137);
+
+        // stdout and stderr stay apart.
+        let (out, err, code) = sh(&agent, "echo to-out; echo to-err >&2; exit 7").await;
+        assert_eq!(
+            (out.as_str(), err.as_str(), code),
+            ("to-out\n", "to-err\n", 7)
+        );
+
+        // 10 MiB of output arrives intact.
+        let big = agent
+            .exec(
+                shell("head -c 10485760 /dev/zero | tr '\\0' 'a'"),
+                ExecOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(big.stdout.len(), 10 * 1024 * 1024);
+        assert!(!big.stdout_truncated);
+        assert_eq!(sha256(&big.stdout), sha256(&vec![b'a'; 10 * 1024 * 1024]));
+
+        // stdin flows through `cat`.
+        let cat = agent
+            .exec_stream(ExecRequest {
+                stdin: true,
+                ..shell("cat")
+            })
+            .await
+            .unwrap();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let stdin = cat.stdin();
+        stdin.write(Bytes::from(payload.clone())).await.unwrap();
+        stdin.close().await.unwrap();
+        let echoed = cat.wait(ExecOptions::default()).await.unwrap();
+        assert_eq!(echoed.status.code, Some(0));
+        assert_eq!(sha256(&echoed.stdout), sha256(&payload));
+
+        // A timeout kills the whole process tree and says so.
+        let started = std::time::Instant::now();
+        let timed = agent
+            .exec(
+                ExecRequest {
+                    timeout_ms: Some(1500),
+                    ..shell("sleep 300 & sleep 300; echo never")
+                },
+                ExecOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(timed.status.timed_out, "{:?}", timed.status);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(!String::from_utf8_lossy(&timed.stdout).contains("never"));
+        let (left, _, _) = sh(&agent, "ps -eo args | grep -c '^sleep 300' || true").await;
+        assert_eq!(left.trim(), "0", "sleep processes survived the timeout");
+
+        // A background child does not hold the exec open.
+        let started = std::time::Instant::now();
+        let (out, _, code) = sh(&agent, "sleep 1000 & echo started").await;
+        assert_eq!((out.as_str(), code), ("started\n", 0));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // 20 concurrent execs on one session each get their own answer.
+        let runs = (0..20).map(|i| {
+            let agent = agent.clone();
+            async move {
+                let script = format!("echo out-{i}; echo err-{i} >&2; exit {i}");
+                let out = agent
+                    .exec(shell(&script), ExecOptions::default())
+                    .await
+                    .unwrap();
+                (i, out)
+            }
+        });
+        for (i, out) in futures_join_all(runs).await {
+            assert_eq!(out.stdout, format!("out-{i}\n").into_bytes());
+            assert_eq!(out.stderr, format!("err-{i}\n").into_bytes());
+            assert_eq!(out.status.code, Some(i));
+        }
+
+        manager.destroy("exec-box").await.unwrap();
+    });
+}
+
+/// Awaits every future concurrently (spawned, so they run in parallel).
+async fn futures_join_all<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}
+
+#[test]
+fn files_round_trip_and_bad_paths_fail_clearly() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager
+            .create(SandboxSpec::named("files-box"))
+            .await
+            .expect("create");
+        let agent = manager.agent("files-box").await.unwrap();
+
+        // 50 MiB of random bytes, in and out, unchanged.
+        let data: Vec<u8> = {
+            let mut f = std::fs::File::open("/dev/urandom").unwrap();
+            let mut buf = vec![0u8; 50 * 1024 * 1024];
+            std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+            buf
+        };
+        let written = agent
+            .write_file(
+                "/root/data/blob.bin",
+                &mut data.as_slice(),
+                WriteOptions {
+                    create_parents: true,
+                    ..WriteOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(written, data.len() as u64);
+        let (guest_sum, _, _) = sh(&agent, "sha256sum /root/data/blob.bin").await;
+        assert!(guest_sum.starts_with(&sha256(&data)), "{guest_sum}");
+        let mut back = Vec::new();
+        let read = agent
+            .read_file("/root/data/blob.bin", &mut back)
+            .await
+            .unwrap();
+        assert_eq!(read, data.len() as u64);
+        assert_eq!(sha256(&back), sha256(&data));
+
+        // mkdir -p, list, stat, chmod, remove.
+        agent.mkdir("/root/a/b/c", true, None).await.unwrap();
+        agent
+            .write_file(
+                "/root/a/b/c/note.txt",
+                &mut &b"hello"[..],
+                WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+        let entries = agent.list("/root/a/b/c").await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].name.as_str(), entries[0].size), ("note.txt", 5));
+        agent.chmod("/root/a/b/c/note.txt", 0o600).await.unwrap();
+        let stat = agent.stat("/root/a/b/c/note.txt").await.unwrap();
+        assert_eq!(
+            (stat.kind, stat.size, stat.mode),
+            (FileKind::File, 5, 0o600)
+        );
+        assert_eq!(agent.stat("/root/a/b").await.unwrap().kind, FileKind::Dir);
+        agent.remove("/root/a", true).await.unwrap();
+        let err = agent.stat("/root/a").await.unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Remote { body, .. } if body.code == ErrorCode::NotFound),
+            "{err:?}"
+        );
+
+        // Bad paths fail on the host with a message naming the problem.
+        for (path, why) in [
+            ("", "empty"),
+            ("a\0b", "NUL"),
+            ("../../etc/passwd", "climb"),
+        ] {
+            let err = agent.stat(path).await.unwrap_err();
+            assert!(
+                matches!(err, AgentError::InvalidPath(_)),
+                "{path:?}: {err:?}"
+            );
+            assert!(err.to_string().contains(why), "{path:?}: {err}");
+            let err = agent
+                .write_file(path, &mut &b"x"[..], WriteOptions::default())
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(why), "{path:?}: {err}");
+        }
+        manager.destroy("files-box").await.unwrap();
+    });
+}
+
+#[test]
+fn sandboxes_are_isolated_and_destroy_cleans_up() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let (a, b) = tokio::join!(
+            manager.create(SandboxSpec::named("iso-a")),
+            manager.create(SandboxSpec::named("iso-b"))
+        );
+        let (a, b) = (a.expect("create a"), b.expect("create b"));
+        assert_ne!(a.id, b.id);
+        let agent_a = manager.agent("iso-a").await.unwrap();
+        let agent_b = manager.agent("iso-b").await.unwrap();
+        agent_a
+            .write_file(
+                "/root/secret",
+                &mut &b"only in a"[..],
+                WriteOptions::default(),
+            )
+            .await
+            .unwrap();
+        let mut marker = agent_a
+            .exec_stream(shell("exec -a iso-a-marker sleep 600"))
+            .await
+            .unwrap();
+        let err = agent_b.stat("/root/secret").await.unwrap_err();
+        assert!(matches!(err, AgentError::Remote { .. }), "{err:?}");
+        let (ps_b, _, _) = sh(&agent_b, "ps -eo args").await;
+        assert!(!ps_b.contains("iso-a-marker"), "{ps_b}");
+        let (ps_a, _, _) = sh(&agent_a, "ps -eo args").await;
+        assert!(ps_a.contains("iso-a-marker"), "{ps_a}");
+        marker.signal(9, true).await.unwrap();
+        let _ = marker.next().await;
+
+        // Destroy leaves no process, socket, overlay or record behind.
+        let dir_a = env.sandboxes_dir().join(&a.id);
+        assert!(dir_a.join("overlay.qcow2").is_file());
+        drop((agent_a, agent_b));
+        manager.destroy("iso-a").await.unwrap();
+        assert!(!dir_a.exists(), "sandbox dir survived destroy");
+        assert!(qemu_pids_under(&dir_a).is_empty(), "QEMU survived destroy");
+        assert!(!env.sandboxes_dir().join(format!("{}.lock", a.id)).exists());
+        let err = manager.get("iso-a").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let names: Vec<String> = manager
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["iso-b"]);
+        // The other sandbox is untouched.
+        let agent_b = manager.agent("iso-b").await.unwrap();
+        assert_eq!(sh(&agent_b, "echo alive").await.0, "alive\n");
+        manager.destroy("iso-b").await.unwrap();
+        assert!(manager.list().await.unwrap().is_empty());
+        assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+    });
+}
+
+#[test]
+fn a_killed_qemu_shows_as_crashed_and_still_cleans_up() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let info = manager
+            .create(SandboxSpec::named("doomed"))
+            .await
+            .expect("create");
+        let pid = info.pid.expect("pid");
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut state = SandboxState::Running;
+        for _ in 0..100 {
+            state = manager.get("doomed").await.unwrap().state;
+            if state == SandboxState::Crashed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(state, SandboxState::Crashed);
+        let listed = manager.list().await.unwrap();
+        assert_eq!(
+            (listed[0].state, listed[0].pid),
+            (SandboxState::Crashed, None)
+        );
+        let err = manager.agent("doomed").await.unwrap_err();
+        assert!(matches!(err, RuntimeError::InvalidState { .. }), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+
+        // A crashed sandbox boots again on its disk.
+        let restarted = manager.start("doomed").await.expect("start after crash");
+        assert_eq!(
+            (restarted.state, restarted.boot_count),
+            (SandboxState::Running, 2)
+        );
+        manager.destroy("doomed").await.unwrap();
+        assert!(!env.sandboxes_dir().join(&info.id).exists());
+        assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+    });
+}
+
+#[test]
+fn sandboxes_survive_a_manager_restart_and_stop_start() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let info = manager
+            .create(SandboxSpec::named("durable"))
+            .await
+            .expect("create");
+        let agent = manager.agent("durable").await.unwrap();
+        agent
+            .write_file("/root/kept.txt", &mut &b"kept"[..], WriteOptions::default())
+            .await
+            .unwrap();
+        sh(&agent, "sync").await;
+        drop(agent);
+        drop(manager);
+
+        // A new manager process (here: a new Manager) finds it running.
+        let manager = env.manager().await;
+        let again = manager.get("durable").await.unwrap();
+        assert_eq!((again.state, again.pid), (SandboxState::Running, info.pid));
+        let agent = manager.agent("durable").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/kept.txt").await.0, "kept");
+
+        // Pause and resume.
+        assert_eq!(
+            manager.pause("durable").await.unwrap().state,
+            SandboxState::Paused
+        );
+        let err = manager.pause("durable").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            manager.resume("durable").await.unwrap().state,
+            SandboxState::Running
+        );
+        assert_eq!(sh(&agent, "echo back").await.0, "back\n");
+        drop(agent);
+
+        // Stop, then start again on the same disk.
+        let stopped = manager.stop("durable").await.expect("stop");
+        assert_eq!((stopped.state, stopped.pid), (SandboxState::Stopped, None));
+        assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+        let err = manager.agent("durable").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        let started = manager.start("durable").await.expect("start");
+        assert_eq!(started.state, SandboxState::Running);
+        let agent = manager.agent("durable").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/kept.txt").await.0, "kept");
+        drop(agent);
+        manager.destroy("durable").await.unwrap();
+    });
+}
+
+#[test]
+fn bad_input_is_refused_and_starts_nothing() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let bad = [
+            (SandboxSpec::named(""), "name"),
+            (SandboxSpec::named("has space"), "name"),
+            (SandboxSpec::named(&"x".repeat(64)), "name"),
+            (SandboxSpec::named("../escape"), "name"),
+            (
+                SandboxSpec {
+                    memory_mb: Some(1 << 30),
+                    ..SandboxSpec::named("huge")
+                },
+                "memory_mb",
+            ),
+            (
+                SandboxSpec {
+                    memory_mb: Some(1),
+                    ..SandboxSpec::named("tiny")
+                },
+                "memory_mb",
+            ),
+            (
+                SandboxSpec {
+                    vcpus: Some(4096),
+                    ..SandboxSpec::named("wide")
+                },
+                "vcpus",
+            ),
+            (
+                SandboxSpec {
+                    vcpus: Some(0),
+                    ..SandboxSpec::named("none")
+                },
+                "vcpus",
+            ),
+            (
+                SandboxSpec {
+                    image: Some("no-such-image".into()),
+                    ..SandboxSpec::named("noimg")
+                },
+                "image",
+            ),
+        ];
+        for (spec, field) in bad {
+            let err = manager.create(spec.clone()).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{spec:?}: {err}");
+            match &err {
+                RuntimeError::InvalidArgument {
+                    field: got,
+                    message,
+                } => {
+                    assert_eq!(*got, field, "{spec:?}");
+                    assert!(!message.is_empty());
+                }
+                other => panic!("{spec:?}: unexpected {other:?}"),
+            }
+        }
+        assert!(manager.list().await.unwrap().is_empty());
+        assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+        let leftovers: Vec<_> = std::fs::read_dir(env.sandboxes_dir()).unwrap().collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let err = manager.get("nope").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let err = manager.destroy("nope").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+
+        // A name in use is refused without touching the first sandbox.
+        manager
+            .create(SandboxSpec::named("taken"))
+            .await
+            .expect("create");
+        let err = manager
+            .create(SandboxSpec::named("taken"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(manager.list().await.unwrap().len(), 1);
+        assert_eq!(qemu_pids_under(&env.sandboxes_dir()).len(), 1);
+        manager.destroy("taken").await.unwrap();
+    });
+}
+
+#[test]
+fn a_boot_that_fails_is_reported_and_cleaned_up() {
+    let mut env = TestEnv::new();
+    // No init in the initramfs and no root device: the kernel panics, and
+    // with panic=-1 and -no-reboot QEMU exits.
+    env.config.extra_kernel_args = vec!["rdinit=/nonexistent".into()];
+    env.config.boot_timeout_secs = 30;
+    run(async {
+        let manager = env.manager().await;
+        let err = manager
+            .create(SandboxSpec::named("broken"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::Boot { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("VM exited"), "{text}");
+        assert!(
+            text.contains("Kernel panic"),
+            "the console tail is missing: {text}"
+        );
+        assert!(manager.list().await.unwrap().is_empty());
+        assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+        let leftovers: Vec<_> = std::fs::read_dir(env.sandboxes_dir()).unwrap().collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    });
+}
