@@ -1,0 +1,39 @@
+//! `arrakis`: create sandboxes and run commands in them.
+//!
+//! Thin wiring: argument parsing lives in [`cli`], one module per verb in
+//! [`commands`]; all the work is done by the runtime library.
+
+mod cli;
+mod commands;
+mod output;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARRAKIS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("arrakis: cannot start the async runtime: {error}");
+            return std::process::ExitCode::from(70);
+        }
+    };
+    match runtime.block_on(commands::run(args)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(error) => {
+            eprintln!("arrakis: {}", output::error_chain(&error));
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! End to end: the shipped `arrakis` binary, driven as a user would, against
+//! real QEMU microVMs. Every CLI call is a new manager process, so these also
+//! prove that sandboxes outlive the process that created them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// A private state directory; destroys every sandbox in it when dropped,
+/// even if the test failed half way.
+struct Env {
+    state: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        require_artifacts();
+        Env {
+            state: tempfile::Builder::new()
+                .prefix("arrakis-e2e")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrakis"));
+        cmd.arg("--state-dir").arg(self.state.path()).args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and insists on success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "arrakis {args:?} failed: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn qemu_pids(&self) -> Vec<i32> {
+        let dir = self.state.path().join("sandboxes");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return vec![];
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
+            .filter_map(|pid| pid.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let listing = self.run(&["list", "--json"]);
+        if let Ok(list) = serde_json::from_slice::<Vec<serde_json::Value>>(&listing.stdout) {
+            for sandbox in list {
+                if let Some(name) = sandbox["name"].as_str() {
+                    let _ = self.run(&["destroy", name]);
+                }
+            }
+        }
+        for pid in self.qemu_pids() {
+            // SAFETY: kill(2) with a pid read from our own state dir; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn artifacts_home() -> PathBuf {
+    std::env::var_os("ARRAKIS_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var("HOME").unwrap()).join(".cache/arrakis"))
+}
+
+fn require_artifacts() {
+    let home = artifacts_home();
+    for artifact in [
+        "artifacts/vmlinuz",
+        "artifacts/initramfs.cpio",
+        "images/default/rootfs.ext4",
+    ] {
+        assert!(
+            home.join(artifact).exists(),
+            "{} is missing: run `scripts/setup` (or `make test`) first",
+            home.join(artifact).display()
+        );
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+#[test]
+fn run_rm_boots_our_kernel_and_debian_then_cleans_up() {
+    let env = Env::new();
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "--name",
+        "once",
+        "--",
+        "sh",
+        "-c",
+        "uname -a; cat /etc/os-release",
+    ]);
+    assert!(out.contains("Linux"), "{out}");
+    assert!(out.contains("bookworm"), "{out}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert!(list.is_empty(), "{list:?}");
+    assert!(env.qemu_pids().is_empty());
+}
+
+#[test]
+fn a_sandbox_outlives_the_cli_process_and_keeps_its_files() {
+    let env = Env::new();
+    env.ok(&["create", "keep"]);
+
+    // Exit codes and stream separation through the CLI.
+    let out = env.run(&[
+        "exec",
+        "keep",
+        "--shell",
+        "--",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // stdin piped through with -i.
+    let mut child = env
+        .cmd(&["exec", "keep", "-i", "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)));
+
+    // Upload in one process, read back in others.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("blob.bin");
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &blob).unwrap();
+    env.ok(&["cp", local.to_str().unwrap(), "keep:/root/in/blob.bin"]);
+    let remote_sum = env.ok(&["exec", "keep", "--", "sha256sum", "/root/in/blob.bin"]);
+    assert!(remote_sum.starts_with(&sha256(&blob)), "{remote_sum}");
+    let back = dir.path().join("back.bin");
+    env.ok(&["cp", "keep:in/blob.bin", back.to_str().unwrap()]);
+    assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&blob));
+
+    // Timeouts are reported with coreutils' exit code.
+    let out = env.run(&["exec", "keep", "--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124));
+
+    // Stop keeps the disk; start boots it again.
+    env.ok(&["stop", "keep"]);
+    let got: serde_json::Value = serde_json::from_str(&env.ok(&["get", "keep", "--json"])).unwrap();
+    assert_eq!(got["state"], "stopped");
+    env.ok(&["start", "keep"]);
+    let remote_sum = env.ok(&["exec", "keep", "--", "sha256sum", "/root/in/blob.bin"]);
+    assert!(remote_sum.starts_with(&sha256(&blob)), "{remote_sum}");
+
+    env.ok(&["destroy", "keep"]);
+    assert!(env.qemu_pids().is_empty());
+    let out = env.run(&["exec", "keep", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keep"));
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let env = Env::new();
+    for (args, needle) in [
+        (vec!["create", "bad/name"], "name"),
+        (vec!["create", "big", "--memory", "99999999"], "memory"),
+        (vec!["create", "cpus", "--vcpus", "0"], "vcpus"),
+        (
+            vec!["create", "img", "--image", "no-such-image"],
+            "no-such-image",
+        ),
+        (vec!["exec", "ghost", "--", "true"], "ghost"),
+    ] {
+        let out = env.run(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    assert!(env.qemu_pids().is_empty());
+    let list: Vec<serde_json::Value> = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert!(list.is_empty(), "{list:?}");
+}
