@@ -3,7 +3,11 @@
 //! prove that sandboxes outlive the process that created them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// Longest any single CLI call may take in these tests.
+const CALL_LIMIT: Duration = Duration::from_secs(120);
 
 use sha2::{Digest, Sha256};
 
@@ -31,7 +35,14 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        let child = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_limited(child, args)
     }
 
     /// Runs and insists on success; returns stdout.
@@ -74,6 +85,28 @@ impl Drop for Env {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// Waits for a CLI call, but never longer than `CALL_LIMIT`: a hang fails
+/// the test instead of stalling the suite.
+fn wait_limited(child: Child, args: &[&str]) -> Output {
+    let pid = child.id() as i32;
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(CALL_LIMIT).is_err() {
+            // SAFETY: kill(2) of our own child's pid; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(
+        out.status.code().is_some(),
+        "arrakis {args:?} ran longer than {CALL_LIMIT:?} and was killed; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn artifacts_home() -> PathBuf {
@@ -151,7 +184,7 @@ fn a_sandbox_outlives_the_cli_process_and_keeps_its_files() {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(&input).unwrap();
     }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_limited(child, &["exec", "keep", "-i", "--", "sha256sum"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&input)));
 

@@ -2,6 +2,7 @@
 //! (create + exec + optional destroy).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use arrakis_protocol::{Command, ExecRequest};
@@ -15,6 +16,16 @@ use crate::cli::{CommandArgs, RunArgs};
 /// Exit code reported when the command was killed for running too long
 /// (the same as coreutils `timeout`).
 const TIMED_OUT: u8 = 124;
+
+/// How long past a command's timeout the host waits for the agent's report.
+const AGENT_GRACE: Duration = Duration::from_secs(15);
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
 
 pub fn request(args: &CommandArgs) -> anyhow::Result<ExecRequest> {
     let mut env = BTreeMap::new();
@@ -48,6 +59,7 @@ pub fn request(args: &CommandArgs) -> anyhow::Result<ExecRequest> {
 
 pub async fn exec(manager: &Manager, name: &str, args: &CommandArgs) -> anyhow::Result<u8> {
     let request = request(args)?;
+    let timeout_ms = request.timeout_ms;
     let agent = manager.agent(name).await?;
     let mut session = agent.exec_stream(request).await?;
     if args.interactive {
@@ -70,9 +82,16 @@ pub async fn exec(manager: &Manager, name: &str, args: &CommandArgs) -> anyhow::
     }
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
+    // The agent enforces the timeout; this is the host's backstop should the
+    // agent never report the end.
+    let deadline =
+        timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms) + AGENT_GRACE);
     loop {
         let event = tokio::select! {
             event = session.next() => event?,
+            () = sleep_until(deadline) => {
+                bail!("the agent did not report the end of the command {}s after its timeout", AGENT_GRACE.as_secs());
+            }
             _ = tokio::signal::ctrl_c() => {
                 session.signal(libc::SIGINT, true).await?;
                 continue;
