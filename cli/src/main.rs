@@ -11,13 +11,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ARRAKIS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -35,5 +29,28 @@ fn main() -> std::process::ExitCode {
             eprintln!("arrakis: {}", output::error_chain(&error));
             std::process::ExitCode::from(1)
         }
+    }
+}
+
+/// Logs go to stderr at `ARRAKIS_LOG` level (default warn), or appended to
+/// the file `ARRAKIS_LOG_FILE` names, which keeps them apart from the
+/// command output that `exec` passes through on stderr.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARRAKIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let file = std::env::var_os("ARRAKIS_LOG_FILE").and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    match file {
+        Some(file) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
     }
 }

@@ -1,16 +1,10 @@
 //! The agent's end of the host channel: a virtio-serial port, found by name
 //! under `/sys/class/virtio-ports` (there is no udev), opened once for the
-//! life of the guest, and wrapped for tokio.
-//!
-//! The port reports `POLLHUP` while no host is attached, and tokio keeps a
-//! "closed" readiness once it has seen one (it never clears it). So:
-//! - each session registers a fresh duplicate of the fd ([`Port::session`])
-//!   instead of reusing one registration;
-//! - within a session, `EAGAIN` after a hang-up was seen (the host left and
-//!   maybe came back) ends the session: reads report EOF, writes fail with
-//!   `NotConnected`. Retrying would spin, since the readiness stays set.
+//! life of the guest, and wrapped for tokio as [`PortIo`], which hides the
+//! port's hang-ups (see there).
 
 use std::fs::OpenOptions;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Where the kernel lists virtio-serial ports.
 pub const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
@@ -87,31 +82,73 @@ impl Port {
         }
     }
 
-    /// A new I/O handle for one session (a fresh registration of a dup'd fd).
-    pub fn session(&self) -> io::Result<PortIo> {
-        let fd = self.fd.try_clone()?;
-        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open
-        // (and the same fd) until it is dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
+    /// The I/O handle the agent serves on (a registration of a dup'd fd).
+    pub fn io(&self) -> io::Result<PortIo> {
+        let base = self.fd.try_clone()?;
+        let fd = register(&base)?;
         Ok(PortIo {
+            base,
             fd,
+            read_pause: None,
+            write_pause: None,
+            pause: MIN_PAUSE,
+            write_waker: None,
             bytes_read: Arc::new(AtomicU64::new(0)),
         })
     }
 }
 
-/// `AsyncRead + AsyncWrite` over the port for one session.
+/// First pause after the host went away; it doubles up to [`MAX_PAUSE`].
+const MIN_PAUSE: Duration = Duration::from_millis(5);
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+/// Retry interval of a write blocked while no host is attached.
+const WRITE_RETRY: Duration = Duration::from_millis(10);
+
+fn register(base: &OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    let fd = base.try_clone()?;
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open
+    // (and the same fd) until it is dropped.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+/// `AsyncRead + AsyncWrite` over the port that never reports end of stream.
+///
+/// The port reads EOF (and reports `POLLHUP`) whenever no host is attached,
+/// and also spuriously while one host replaces another within milliseconds:
+/// the guest can see the old host's "closed" event after the new host's
+/// first bytes. So a hang-up is not an end of session. Reads pause (5 ms
+/// doubling to 50 ms) and re-register the fd (tokio never clears a "closed"
+/// readiness), writes wait and retry; the protocol ends a session only when
+/// the next host greets.
 #[derive(Debug)]
 pub struct PortIo {
+    base: OwnedFd,
     fd: AsyncFd<OwnedFd>,
+    read_pause: Option<Pin<Box<Sleep>>>,
+    write_pause: Option<Pin<Box<Sleep>>>,
+    pause: Duration,
+    /// A writer waiting on the registration that a re-registration replaces.
+    write_waker: Option<Waker>,
     bytes_read: Arc<AtomicU64>,
 }
 
 impl PortIo {
-    /// A counter of the bytes this session read (to tell a real session from
-    /// an immediate EOF while no host is attached).
+    /// A counter of the bytes read so far.
     pub fn bytes_read(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.bytes_read)
+    }
+
+    fn host_absent(&mut self) {
+        self.read_pause = Some(Box::pin(tokio::time::sleep(self.pause)));
+        self.pause = (self.pause * 2).min(MAX_PAUSE);
+    }
+
+    fn reregister(&mut self) -> io::Result<()> {
+        self.fd = register(&self.base)?;
+        if let Some(waker) = self.write_waker.take() {
+            waker.wake();
+        }
+        Ok(())
     }
 }
 
@@ -123,25 +160,35 @@ impl AsyncRead for PortIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            if let Some(pause) = this.read_pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                this.read_pause = None;
+                this.reregister()?;
+            }
             let mut guard = ready!(this.fd.poll_read_ready(cx))?;
             let hung_up = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| {
                 nix::unistd::read(fd.get_ref().as_fd(), unfilled).map_err(io::Error::from)
             }) {
+                Ok(Ok(0)) => this.host_absent(),
                 Ok(Ok(n)) => {
                     buf.advance(n);
+                    this.pause = MIN_PAUSE;
                     this.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
-                // EOF: the next session starts with a fresh registration.
-                Err(_would_block) if hung_up => return Poll::Ready(Ok(())),
+                Err(_would_block) if hung_up => this.host_absent(),
                 Err(_would_block) => {}
             }
         }
     }
+}
+
+fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
+    nix::unistd::write(fd, data).map_err(io::Error::from)
 }
 
 impl AsyncWrite for PortIo {
@@ -152,18 +199,34 @@ impl AsyncWrite for PortIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.fd.poll_write_ready(cx))?;
+            if let Some(pause) = this.write_pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                this.write_pause = None;
+                // The readiness may still say "closed": try the write itself.
+                match write_fd(this.fd.get_ref(), data) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        this.write_pause = Some(Box::pin(tokio::time::sleep(WRITE_RETRY)));
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            let mut guard = match this.fd.poll_write_ready(cx) {
+                Poll::Ready(guard) => guard?,
+                Poll::Pending => {
+                    this.write_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            };
             let hung_up = guard.ready().is_write_closed();
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
-            {
+            match guard.try_io(|fd| write_fd(fd.get_ref(), data)) {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) if hung_up => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "the host hung up",
-                    )))
+                    this.write_pause = Some(Box::pin(tokio::time::sleep(WRITE_RETRY)));
                 }
                 Err(_would_block) => {}
             }
@@ -208,11 +271,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_read_write_and_see_eof() {
+    async fn a_hang_up_is_not_an_end_of_stream() {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let ours = ours.into_std().unwrap();
+        ours.set_nonblocking(true).unwrap();
         let port = Port::from_fd(ours.into());
-        let mut io = port.session().unwrap();
+        let mut io = port.io().unwrap();
         let counter = io.bytes_read();
         theirs.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
@@ -222,14 +286,14 @@ mod tests {
         io.write_all(b"pong").await.unwrap();
         theirs.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
-        drop(io);
 
-        // A second session on the same port works after the first ended.
-        let mut io = port.session().unwrap();
-        theirs.write_all(b"again").await.unwrap();
+        // The peer goes away: reads wait (pausing between tries) instead of
+        // reporting EOF.
+        theirs.write_all(b"last").await.unwrap();
         drop(theirs);
-        let mut rest = Vec::new();
-        io.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"again");
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"last");
+        let more = tokio::time::timeout(Duration::from_millis(200), io.read(&mut buf)).await;
+        assert!(more.is_err(), "a hang-up was reported as {more:?}");
     }
 }

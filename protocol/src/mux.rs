@@ -99,6 +99,7 @@ impl Shared {
     }
 
     fn send(&self, frame: Frame) -> Result<(), ProtocolError> {
+        tracing::trace!(role = ?self.role, stream = frame.stream, kind = ?frame.kind, len = frame.payload.len(), "frame out");
         if self.is_closed() {
             return Err(ProtocolError::Disconnected);
         }
@@ -464,6 +465,7 @@ impl Client {
             nonce,
         };
         let mut reader = FrameReader::new(read_half);
+        tracing::debug!(nonce, "greeting the agent");
         let ack = tokio::time::timeout(
             options.handshake_timeout,
             handshake(&mut reader, &mut write_half, &hello, options.regreet_after),
@@ -561,6 +563,7 @@ where
         tokio::select! {
             ack = &mut ack => return ack,
             _ = tokio::time::sleep(delay) => {
+                tracing::debug!(?delay, "no answer to the greeting; sending filler and greeting again");
                 let mut filler = BytesMut::zeroed(MAX_PAYLOAD + HEADER_LEN);
                 filler.extend_from_slice(&greet);
                 write_all_flush(writer, &filler).await?;
@@ -600,7 +603,10 @@ async fn await_ack<R: AsyncRead + Unpin>(
 async fn host_read_loop<R: AsyncRead + Unpin>(mut reader: FrameReader<R>, shared: Arc<Shared>) {
     loop {
         let result = match reader.read_frame().await {
-            Ok(Some(frame)) => shared.dispatch(frame),
+            Ok(Some(frame)) => {
+                tracing::trace!(stream = frame.stream, kind = ?frame.kind, len = frame.payload.len(), "frame in");
+                shared.dispatch(frame)
+            }
             Ok(None) => Err(ProtocolError::Disconnected),
             Err(error) => Err(error),
         };
