@@ -108,6 +108,7 @@ impl Agent {
             Err(e) => Err(exec_error(&e)),
         };
         finish(sender.close(outcome).await, "exec");
+        self.exec.prepare_next();
     }
 
     async fn simple(&self, request: Request) -> Outcome {

@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -28,14 +27,12 @@ pub enum ProcessExit {
     Signaled(i32),
 }
 
-/// A child spawned through the [`Supervisor`], with its pipes taken out of
-/// `std::process::Child` (whose own `wait` must not be used).
+/// A child spawned through the [`Supervisor`]: its pid, what the spawn
+/// function returned with it (its pipes), and its exit.
 #[derive(Debug)]
-pub struct SpawnedChild {
+pub struct SpawnedChild<T> {
     pub pid: u32,
-    pub stdin: Option<ChildStdin>,
-    pub stdout: Option<ChildStdout>,
-    pub stderr: Option<ChildStderr>,
+    pub io: T,
     /// Resolves once the reaper collected the child's exit.
     pub exit: oneshot::Receiver<ProcessExit>,
 }
@@ -84,24 +81,22 @@ impl Supervisor {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Spawns `cmd` (blocking: fork + exec) and registers it for its exit status.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<SpawnedChild> {
+    /// Runs `start` (blocking: it spawns one child and returns its pid) and
+    /// registers the child for its exit status. A child that `start` reports
+    /// as failed must be reaped by `start` itself.
+    pub fn spawn<T>(
+        &self,
+        start: impl FnOnce() -> io::Result<(u32, T)>,
+    ) -> io::Result<SpawnedChild<T>> {
         let mut registry = self.lock();
-        let mut child = cmd.spawn()?;
-        let pid = child.id();
+        let (pid, io) = start()?;
         let (tx, rx) = oneshot::channel();
         let key = i32::try_from(pid).unwrap_or(i32::MAX);
         registry.waiters.insert(key, tx);
         registry.spawns += 1;
         drop(registry);
         self.spawned.notify_all();
-        Ok(SpawnedChild {
-            pid,
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-            exit: rx,
-        })
+        Ok(SpawnedChild { pid, io, exit: rx })
     }
 
     fn reap_forever(&self) {
@@ -157,7 +152,7 @@ impl Supervisor {
 mod tests {
     use super::*;
     use std::io::Read;
-    use std::process::Stdio;
+    use std::process::{ChildStdout, Command, Stdio};
 
     fn sh(script: &str) -> Command {
         let mut cmd = Command::new("/bin/sh");
@@ -165,15 +160,22 @@ mod tests {
         cmd
     }
 
+    fn spawn(cmd: &mut Command) -> io::Result<SpawnedChild<Option<ChildStdout>>> {
+        global().spawn(|| {
+            let mut child = cmd.spawn()?;
+            Ok((child.id(), child.stdout.take()))
+        })
+    }
+
     #[tokio::test]
     async fn exit_code_is_delivered() {
-        let child = global().spawn(&mut sh("exit 3")).unwrap();
+        let child = spawn(&mut sh("exit 3")).unwrap();
         assert_eq!(child.exit.await.unwrap(), ProcessExit::Exited(3));
     }
 
     #[tokio::test]
     async fn signal_death_is_delivered() {
-        let child = global().spawn(&mut sh("kill -9 $$")).unwrap();
+        let child = spawn(&mut sh("kill -9 $$")).unwrap();
         assert_eq!(child.exit.await.unwrap(), ProcessExit::Signaled(9));
     }
 
@@ -181,7 +183,7 @@ mod tests {
     async fn fast_exits_are_not_lost() {
         let mut children = Vec::new();
         for _ in 0..40 {
-            children.push(global().spawn(&mut Command::new("true")).unwrap());
+            children.push(spawn(&mut Command::new("true")).unwrap());
         }
         for child in children {
             let exit = tokio::time::timeout(Duration::from_secs(10), child.exit)
@@ -196,14 +198,9 @@ mod tests {
     async fn orphans_are_reaped() {
         let mut cmd = sh("sleep 0.2 & echo $!");
         cmd.stdout(Stdio::piped());
-        let mut child = global().spawn(&mut cmd).unwrap();
+        let mut child = spawn(&mut cmd).unwrap();
         let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        child.io.take().unwrap().read_to_string(&mut out).unwrap();
         assert_eq!(child.exit.await.unwrap(), ProcessExit::Exited(0));
         let orphan: i32 = out.trim().parse().unwrap();
         // The orphan is re-parented to this process and must not stay a zombie.
@@ -220,9 +217,7 @@ mod tests {
 
     #[test]
     fn spawn_failure_is_an_error() {
-        let err = global()
-            .spawn(&mut Command::new("/nonexistent/program"))
-            .unwrap_err();
+        let err = spawn(&mut Command::new("/nonexistent/program")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }

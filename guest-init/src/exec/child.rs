@@ -1,102 +1,354 @@
-//! The child side of an exec: the `std::process::Command` with its
-//! between-fork-and-exec setup (own session, own cgroup, OOM score, user
-//! switch), and signal delivery to the process or its whole tree.
+//! The child side of an exec: spawning with `clone(CLONE_VM | CLONE_VFORK)`
+//! (the way `posix_spawn` does it) and the child's setup before `execve`
+//! (default signal dispositions, own session, own cgroup, OOM score, stdio,
+//! working directory, user switch), and signal delivery to the process or
+//! its whole tree.
+//!
+//! `fork` of the multi-threaded agent copies its page tables and leaves
+//! copy-on-write faults behind; under TCG that cost milliseconds per exec.
+//! The vfork-style child instead borrows the agent's memory and stack-less
+//! state until `execve`, while the spawning thread waits.
 
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::spec::ExecSpec;
 use crate::cgroup::ExecCgroup;
 
-/// What the forked child does before `execve`. Runs after `fork` in a
-/// multi-threaded parent, so only async-signal-safe calls are allowed: raw
-/// syscalls on data prepared in the parent, no allocation, no locks.
-struct ChildSetup {
-    /// `cgroup.procs` of the exec's cgroup, opened by the parent (close-on-exec).
+/// Stack of the vfork-style child: it only makes raw syscalls.
+const CHILD_STACK: usize = 64 * 1024;
+/// Highest signal number whose disposition the child resets.
+const MAX_SIGNAL: c_int = 64;
+const OOM_SCORE_ADJ: &std::ffi::CStr = c"/proc/self/oom_score_adj";
+const DEV_NULL: &std::ffi::CStr = c"/dev/null";
+
+/// The parent's ends of a spawned child's pipes.
+#[derive(Debug)]
+pub(super) struct ChildPipes {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Everything the child needs, prepared by the parent. The child runs in the
+/// parent's memory while the spawning thread waits (`CLONE_VFORK`), so it
+/// only reads this and makes raw syscalls: no allocation, no locks, no panics.
+struct Plan {
+    /// Paths to try with `execve`, in order (the `PATH` lookup is done here).
+    programs: Vec<CString>,
+    /// Null-terminated pointers into `_strings`.
+    argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
+    _strings: Vec<CString>,
+    cwd: CString,
+    /// The child's ends for fds 0, 1 and 2 (all above 2, close-on-exec).
+    stdio: [OwnedFd; 3],
+    /// `cgroup.procs` of the exec's cgroup (close-on-exec).
     cgroup_procs: Option<RawFd>,
     /// (uid, gid, supplementary groups) to switch to.
     user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    /// errno of the step that failed, written by the child before it exits.
+    error: AtomicI32,
 }
 
-const OOM_SCORE_ADJ: &std::ffi::CStr = c"/proc/self/oom_score_adj";
+/// Spawns `spec` with piped stdout/stderr (and stdin when asked), in the
+/// cgroup whose `cgroup.procs` is given. Blocks until the child called
+/// `execve`; a failure before or in `execve` is returned as the error (the
+/// failed child is reaped here). Call with the supervisor's registry locked.
+pub(super) fn spawn(spec: &ExecSpec, cgroup_procs: Option<&File>) -> io::Result<(u32, ChildPipes)> {
+    let (stdin, child_stdin) = if spec.stdin {
+        let (read, write) = pipe()?;
+        (Some(write), above_stdio(read)?)
+    } else {
+        (None, above_stdio(open_dev_null()?)?)
+    };
+    let (stdout, child_stdout) = pipe()?;
+    let (stderr, child_stderr) = pipe()?;
+    let plan = Plan::new(
+        spec,
+        [
+            child_stdin,
+            above_stdio(child_stdout)?,
+            above_stdio(child_stderr)?,
+        ],
+        cgroup_procs.map(AsRawFd::as_raw_fd),
+    )?;
+    let pid = plan.clone_child()?;
+    let pipes = ChildPipes {
+        stdin,
+        stdout,
+        stderr,
+    };
+    Ok((pid, pipes))
+}
 
-impl ChildSetup {
-    fn run(&self) -> io::Result<()> {
-        // SAFETY: setsid takes no arguments; the child is not a group leader
-        // (fresh fork), so it succeeds.
+impl Plan {
+    fn new(spec: &ExecSpec, stdio: [OwnedFd; 3], cgroup_procs: Option<RawFd>) -> io::Result<Plan> {
+        let programs = candidates(spec)?;
+        let args: Vec<CString> = std::iter::once(&spec.program)
+            .chain(&spec.args)
+            .map(|a| cstring(a.as_bytes().to_vec()))
+            .collect::<io::Result<_>>()?;
+        let env: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring(format!("{k}={v}").into_bytes()))
+            .collect::<io::Result<_>>()?;
+        let pointers = |strings: &[CString]| -> Vec<*const c_char> {
+            strings
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        let (argv, envp) = (pointers(&args), pointers(&env));
+        let creds = &spec.credentials;
+        Ok(Plan {
+            programs,
+            argv,
+            envp,
+            _strings: args.into_iter().chain(env).collect(),
+            cwd: cstring(spec.cwd.as_os_str().as_encoded_bytes().to_vec())?,
+            stdio,
+            cgroup_procs,
+            user: spec
+                .switch_user
+                .then(|| (creds.uid, creds.gid, creds.groups.clone())),
+            error: AtomicI32::new(0),
+        })
+    }
+
+    /// Starts the child and waits until it exec'd or failed.
+    fn clone_child(&self) -> io::Result<u32> {
+        let mut stack = vec![0u8; CHILD_STACK];
+        // SAFETY: one past the end of the allocation, rounded down to the
+        // 16-byte alignment the ABI wants; the stack grows down from there.
+        let top = unsafe { stack.as_mut_ptr().add(CHILD_STACK) };
+        let top = top.wrapping_sub(top as usize % 16).cast::<c_void>();
+        // Block every signal so no handler of the agent runs in the child
+        // (it shares our memory) before it reset the dispositions.
+        // SAFETY: sigset_t is plain data, filled by sigfillset before use.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are to live, writable sigset_t values.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
+        let arg = std::ptr::from_ref(self).cast_mut().cast::<c_void>();
+        // SAFETY: CLONE_VM | CLONE_VFORK suspends this thread until the child
+        // calls execve or exits, so `self` and `stack` outlive every use the
+        // child makes of them; `child_main` only makes raw syscalls (see Plan).
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                arg,
+            )
+        };
+        let clone_error = io::Error::last_os_error();
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        drop(stack);
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        match self.error.load(Ordering::Acquire) {
+            0 => Ok(pid.unsigned_abs()),
+            errno => {
+                // The child has exited: reap it (the caller holds the
+                // registry lock, so the reaper cannot have taken it).
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                Err(io::Error::from_raw_os_error(errno))
+            }
+        }
+    }
+
+    /// The child's work; returns the errno of the failed step (on success
+    /// `execve` does not return).
+    fn run_child(&self) -> c_int {
+        reset_signals();
+        // SAFETY: setsid takes no arguments; the child is not a group leader.
         if unsafe { libc::setsid() } < 0 {
-            return Err(io::Error::last_os_error());
+            return errno();
         }
         if let Some(fd) = self.cgroup_procs {
             // Joining is best effort: without it the tree is still our process group.
             // SAFETY: writes one byte from a static buffer to an fd the parent keeps open.
             let _ = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
         }
-        self.reset_oom_score();
-        if let Some((uid, gid, groups)) = &self.user {
-            // Raw syscalls: the child has a single thread, and libc wrappers
-            // may try to synchronise credentials with threads that are gone.
-            // SAFETY: `groups` is a live Vec prepared before fork; the kernel reads len entries.
-            let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
+        reset_oom_score();
+        for (target, fd) in (0..).zip(&self.stdio) {
+            // SAFETY: dup2 of an open fd (above 2) onto 0..=2; the copy is
+            // not close-on-exec.
+            if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+                return errno();
             }
-            // SAFETY: plain integer arguments.
-            if unsafe { libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: plain integer arguments.
-            if unsafe { libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+        }
+        // SAFETY: a NUL-terminated path owned by the plan.
+        if unsafe { libc::chdir(self.cwd.as_ptr()) } < 0 {
+            return errno();
+        }
+        if let Err(e) = self.switch_user() {
+            return e;
+        }
+        let empty: u64 = 0;
+        // SAFETY: unblocks every signal (the kernel's 8-byte mask) for the new program.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &empty,
+                std::ptr::null_mut::<u64>(),
+                8,
+            )
+        };
+        self.exec()
+    }
+
+    fn switch_user(&self) -> Result<(), c_int> {
+        let Some((uid, gid, groups)) = &self.user else {
+            return Ok(());
+        };
+        // Raw syscalls: libc wrappers would try to synchronise credentials
+        // with the agent's other threads.
+        // SAFETY: `groups` is a live Vec of the plan; the kernel reads len entries.
+        let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+        if rc < 0 {
+            return Err(errno());
+        }
+        // SAFETY: plain integer arguments.
+        if unsafe { libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) } < 0 {
+            return Err(errno());
+        }
+        // SAFETY: plain integer arguments.
+        if unsafe { libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) } < 0 {
+            return Err(errno());
         }
         Ok(())
     }
 
-    /// The agent runs at -1000 (never OOM-killed); its children must not inherit that.
-    fn reset_oom_score(&self) {
-        // SAFETY: open/write/close on a static NUL-terminated path and a static buffer.
-        unsafe {
-            let fd = libc::open(OOM_SCORE_ADJ.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd >= 0 {
-                let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
+    /// Tries each candidate like `execvp`: EACCES wins over a later ENOENT,
+    /// any other error stops the search.
+    fn exec(&self) -> c_int {
+        let mut result = libc::ENOENT;
+        for program in &self.programs {
+            // SAFETY: NUL-terminated path and null-terminated pointer arrays
+            // into strings the plan owns.
+            unsafe { libc::execve(program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+            match errno() {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => result = libc::EACCES,
+                other => return other,
             }
+        }
+        result
+    }
+}
+
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `&Plan` given to clone, alive while the parent waits.
+    let plan = unsafe { &*arg.cast_const().cast::<Plan>() };
+    let error = plan.run_child();
+    plan.error.store(error.max(1), Ordering::Release);
+    // SAFETY: _exit ends the child without running the parent's exit handlers.
+    unsafe { libc::_exit(127) }
+}
+
+/// The paths to try: the program itself when it has a '/', else each
+/// directory of the child's `PATH` (an empty entry is the working directory).
+fn candidates(spec: &ExecSpec) -> io::Result<Vec<CString>> {
+    if spec.program.contains('/') {
+        return Ok(vec![cstring(spec.program.clone().into_bytes())?]);
+    }
+    let path = spec
+        .env
+        .get("PATH")
+        .map_or(super::DEFAULT_PATH, String::as_str);
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            cstring(format!("{dir}/{}", spec.program).into_bytes())
+        })
+        .collect()
+}
+
+fn cstring(bytes: Vec<u8>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+}
+
+fn errno() -> c_int {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EINVAL)
+}
+
+/// Sets every signal to its default disposition (the agent ignores SIGPIPE,
+/// and no handler of the agent may run in the child), with raw syscalls.
+fn reset_signals() {
+    // The kernel's struct sigaction, all zero: SIG_DFL, no flags, empty mask.
+    let default = [0u64; 4];
+    for signal in 1..=MAX_SIGNAL {
+        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            // SAFETY: a valid, zeroed kernel sigaction and no old-action pointer.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    default.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8,
+                )
+            };
         }
     }
 }
 
-/// The command for `spec`, with piped stdout/stderr (and stdin when asked).
-/// `cgroup_procs` must stay open until the spawn returned.
-pub(super) fn command(spec: &ExecSpec, cgroup_procs: Option<&File>) -> Command {
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .env_clear()
-        .envs(&spec.env)
-        .current_dir(&spec.cwd)
-        .stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let creds = &spec.credentials;
-    let setup = ChildSetup {
-        cgroup_procs: cgroup_procs.map(AsRawFd::as_raw_fd),
-        user: spec
-            .switch_user
-            .then(|| (creds.uid, creds.gid, creds.groups.clone())),
-    };
-    // SAFETY: `ChildSetup::run` only makes async-signal-safe raw syscalls on
-    // data owned by the closure (see its doc), as required after fork.
+/// The agent runs at -1000 (never OOM-killed); its children must not inherit that.
+fn reset_oom_score() {
+    // SAFETY: open/write/close on a static NUL-terminated path and a static buffer.
     unsafe {
-        cmd.pre_exec(move || setup.run());
+        let fd = libc::open(OOM_SCORE_ADJ.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
     }
-    cmd
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+fn open_dev_null() -> io::Result<OwnedFd> {
+    // SAFETY: a static NUL-terminated path.
+    let fd = unsafe { libc::open(DEV_NULL.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fd` moved above 0..=2 if it is there, so the child's dup2 onto 0..=2
+/// cannot overwrite another of its stdio fds.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: duplicates an open fd; the new one is owned by the result.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// Sends `signal` to one process. Errors (already gone) are ignored.
