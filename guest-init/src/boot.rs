@@ -6,6 +6,7 @@
 //! a failed step is logged to the console and the boot goes on, degraded.
 //! The initramfs contents are left in place: this binary keeps running from it.
 
+use arrakis_protocol::error_chain;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -64,7 +65,9 @@ pub fn read_cmdline() -> BootConfig {
 pub fn finish(config: &BootConfig) -> Cgroups {
     match mount_root(config).and_then(|()| switch_root()) {
         Ok(()) => tracing::info!(root = config.root, "switched to the root filesystem"),
-        Err(e) => tracing::error!(error = %render(&e), "staying on the initramfs"),
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "staying on the initramfs")
+        }
     }
     ensure_kernel_filesystems();
     mount_userland();
@@ -74,17 +77,6 @@ pub fn finish(config: &BootConfig) -> Cgroups {
         tracing::warn!(error = %e, "cannot protect the agent from the OOM killer");
     }
     cgroups
-}
-
-fn render(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn mount_fs(
@@ -118,7 +110,7 @@ fn mount_cgroup2(flags: MsFlags) {
     )
     .or_else(|_| mount_fs("cgroup2", CGROUP_MOUNT, "cgroup2", flags, None));
     if let Err(e) = mounted {
-        tracing::warn!(error = %render(&e), "mount failed");
+        tracing::warn!(error = %error_chain(&e), "mount failed");
     }
 }
 
@@ -198,7 +190,7 @@ fn ensure_kernel_filesystems() {
     ] {
         if !Path::new(probe).exists() {
             if let Err(e) = mount_fs(fstype, target, fstype, MsFlags::MS_NOSUID, None) {
-                tracing::error!(error = %render(&e), "kernel filesystem missing");
+                tracing::error!(error = %error_chain(&e), "kernel filesystem missing");
             }
         }
     }
@@ -226,7 +218,7 @@ fn mount_userland() {
     ];
     for (source, target, fstype, flags, data) in mounts {
         if let Err(e) = mount_fs(source, target, fstype, flags, data) {
-            tracing::warn!(error = %render(&e), "mount failed");
+            tracing::warn!(error = %error_chain(&e), "mount failed");
         }
     }
     mount_cgroup2(nosuid_nodev | MsFlags::MS_NOEXEC);
@@ -249,10 +241,10 @@ fn mount_userland() {
 
 fn identity_and_network(config: &BootConfig) {
     if let Err(e) = crate::system::set_hostname(&config.hostname) {
-        tracing::warn!(error = %render(&e), "hostname not set");
+        tracing::warn!(error = %error_chain(&e), "hostname not set");
     }
     if let Err(e) = net::loopback_up() {
-        tracing::warn!(error = %render(&e), "loopback not up");
+        tracing::warn!(error = %error_chain(&e), "loopback not up");
     }
     if let Some(address) = config.ip {
         let settings = NetSettings {
@@ -262,12 +254,12 @@ fn identity_and_network(config: &BootConfig) {
             nameservers: config.dns.clone(),
         };
         if let Err(e) = net::apply(&settings) {
-            tracing::warn!(error = %render(&e), "eth0 not configured");
+            tracing::warn!(error = %error_chain(&e), "eth0 not configured");
         }
     }
     if !config.dns.is_empty() {
         if let Err(e) = net::write_resolv_conf(Path::new("/etc/resolv.conf"), &config.dns) {
-            tracing::warn!(error = %render(&e), "resolv.conf not written");
+            tracing::warn!(error = %error_chain(&e), "resolv.conf not written");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! opens, adapting the multiplexed stream to the exec and file cores and
 //! mapping their errors to protocol error codes (the only place that does).
 
+use arrakis_protocol::error_chain;
 use std::error::Error;
 use std::io;
 use std::path::Path;
@@ -343,20 +344,8 @@ fn unexpected(event: &StreamEvent, op: &str) {
     }
 }
 
-/// The error and its sources, joined: "cannot open /x: No such file or directory".
-fn render(error: &dyn Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
 fn internal(error: &dyn Error) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Internal, render(error))
+    ErrorBody::new(ErrorCode::Internal, error_chain(error))
 }
 
 fn io_code(error: &io::Error) -> ErrorCode {
@@ -383,7 +372,7 @@ fn file_error(error: &FileError) -> ErrorBody {
         FileError::Io { source, .. } => io_code(source),
         FileError::Cancelled { .. } => ErrorCode::Cancelled,
     };
-    ErrorBody::new(code, render(error))
+    ErrorBody::new(code, error_chain(error))
 }
 
 fn exec_error(error: &ExecError) -> ErrorBody {
@@ -396,7 +385,7 @@ fn exec_error(error: &ExecError) -> ErrorBody {
         ExecError::CwdNotDir { .. } => ErrorCode::WrongKind,
         ExecError::Lost { .. } => ErrorCode::Internal,
     };
-    ErrorBody::new(code, render(error))
+    ErrorBody::new(code, error_chain(error))
 }
 
 fn system_error(error: &SystemError) -> ErrorBody {
@@ -410,7 +399,7 @@ fn system_error(error: &SystemError) -> ErrorBody {
         SystemError::Entropy(e) | SystemError::Read { source: e, .. } => io_code(e),
         SystemError::Parse { .. } => ErrorCode::Internal,
     };
-    ErrorBody::new(code, render(error))
+    ErrorBody::new(code, error_chain(error))
 }
 
 fn net_error(error: &NetError) -> ErrorBody {
@@ -425,7 +414,7 @@ fn net_error(error: &NetError) -> ErrorBody {
         | NetError::Socket(source)
         | NetError::Write { source, .. } => io_code(source),
     };
-    ErrorBody::new(code, render(error))
+    ErrorBody::new(code, error_chain(error))
 }
 
 #[cfg(test)]

@@ -15,3 +15,17 @@ pub use mux::{
     StreamSender,
 };
 pub use paths::DEFAULT_WORKDIR;
+
+/// An error and its sources on one line ("cannot open /x: No such file or
+/// directory"): how both ends render error chains into [`ErrorBody`]
+/// messages and logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

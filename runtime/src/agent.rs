@@ -701,17 +701,7 @@ async fn watch_exit(alive: &impl Fn() -> bool) {
     }
 }
 
-/// An error and its sources on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use arrakis_protocol::error_chain;
 
 #[cfg(test)]
 mod tests;
