@@ -6,13 +6,13 @@
 //! a failed step is logged to the console and the boot goes on, degraded.
 //! The initramfs contents are left in place: this binary keeps running from it.
 
-use arrakis_protocol::error_chain;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use arrakis_protocol::error_chain;
 use nix::mount::{mount, MsFlags};
 
 use crate::cgroup::Cgroups;

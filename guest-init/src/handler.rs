@@ -2,16 +2,15 @@
 //! opens, adapting the multiplexed stream to the exec and file cores and
 //! mapping their errors to protocol error codes (the only place that does).
 
-use arrakis_protocol::error_chain;
 use std::error::Error;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
 
 use arrakis_protocol::{
-    Channel, ConfigureRequest, ErrorBody, ErrorCode, ExecRequest, GuestInfo, Handler, Outcome,
-    ReadFileRequest, Request, Response, Stream, StreamEvent, StreamMessage, StreamReceiver,
-    StreamSender, WriteFileRequest, PROTOCOL_VERSION,
+    error_chain, Channel, ConfigureRequest, ErrorBody, ErrorCode, ExecRequest, GuestInfo, Handler,
+    Outcome, ReadFileRequest, Request, Response, Stream, StreamEvent, StreamMessage,
+    StreamReceiver, StreamSender, WriteFileRequest, PROTOCOL_VERSION,
 };
 use bytes::Bytes;
 use tracing::Instrument;
