@@ -178,7 +178,7 @@ fn bare_qemu_boot(config: &RuntimeConfig, accel: AccelKind) -> anyhow::Result<Du
         AccelKind::Tcg => format!("tcg,tb-size={}", config.tcg_tb_size_mb),
     };
     let mut append = String::from(
-        "console=ttyS0 panic=-1 quiet root=/dev/vda ro rootfstype=ext4 init=/bin/echo",
+        "console=ttyS0 panic=-1 quiet pci=off root=/dev/vda ro rootfstype=ext4 init=/bin/echo",
     );
     if accel == AccelKind::Tcg {
         append.push_str(&format!(" tsc_early_khz={} tsc=reliable", tsc_khz()?));

@@ -45,7 +45,7 @@ fn opt(path: &Path) -> String {
 
 /// The guest kernel command line.
 pub fn kernel_cmdline(spec: &VmSpec) -> String {
-    let mut args: Vec<String> = ["console=ttyS0", "panic=-1", "quiet", "reboot=t"]
+    let mut args: Vec<String> = ["console=ttyS0", "panic=-1", "quiet", "reboot=t", "pci=off"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -354,7 +354,7 @@ mod tests {
         assert_eq!(
             values_of(&args, "-append"),
             [
-                "console=ttyS0 panic=-1 quiet reboot=t arrakis.hostname=web-1 \
+                "console=ttyS0 panic=-1 quiet reboot=t pci=off arrakis.hostname=web-1 \
               tsc_early_khz=2600000 tsc=reliable loglevel=4"
             ]
         );
