@@ -660,3 +660,68 @@ fn a_boot_that_fails_is_reported_and_cleaned_up() {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     });
 }
+
+/// A fork bomb, a busy loop and a flood of output, each bounded by a
+/// timeout, must not take the agent down: it keeps answering while they run
+/// and after they are killed, and nothing of them is left behind.
+#[test]
+fn misbehaving_commands_do_not_take_the_agent_down() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("rogue")).await.unwrap();
+        let agent = manager.agent("rogue").await.unwrap();
+        let bounded = |script: &str| ExecRequest {
+            timeout_ms: Some(4000),
+            ..shell(script)
+        };
+        let count = "ps -e --no-headers | wc -l";
+        let (before, _, _) = sh(&agent, count).await;
+        // The bomb runs as a background job; the main process stays so the
+        // timeout has a tree to kill.
+        let bomb = agent
+            .exec_stream(bounded("b() { b | b & }; b; sleep 100"))
+            .await
+            .unwrap();
+        let spin = agent
+            .exec_stream(bounded("while :; do :; done"))
+            .await
+            .unwrap();
+        let flood = agent.exec_stream(bounded("yes flood")).await.unwrap();
+
+        // While all three run, the agent still answers promptly enough.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let during = tokio::time::timeout(Duration::from_secs(20), sh(&agent, "echo alive"))
+            .await
+            .expect("the agent stopped answering while the commands ran");
+        assert_eq!(during.0, "alive\n");
+
+        for session in [bomb, spin] {
+            let out = session.wait(ExecOptions::default()).await.unwrap();
+            assert!(out.status.timed_out, "{:?}", out.status);
+        }
+        // Unread, the flood was held back by flow control (at most one 512 KiB
+        // window in flight); it is read with a smaller cap, the rest drained.
+        let flooded = flood
+            .wait(ExecOptions {
+                max_output_bytes: 64 * 1024,
+            })
+            .await
+            .unwrap();
+        assert!(flooded.status.timed_out, "{:?}", flooded.status);
+        assert!(flooded.stdout_truncated);
+        assert!(flooded.stdout.starts_with(b"flood\nflood\n"));
+
+        // Afterwards: still answering, and no survivors of the bomb or the loop.
+        let (after, _, _) = sh(&agent, &format!("sleep 1; {count}")).await;
+        let (before, after): (u32, u32) = (
+            before.trim().parse().unwrap(),
+            after.trim().parse().unwrap(),
+        );
+        assert!(
+            after <= before + 2,
+            "{before} processes before, {after} after"
+        );
+        manager.destroy("rogue").await.unwrap();
+    });
+}
