@@ -709,8 +709,11 @@ fn misbehaving_commands_do_not_take_the_agent_down() {
             .await
             .unwrap();
         assert!(flooded.status.timed_out, "{:?}", flooded.status);
-        assert!(flooded.stdout_truncated);
-        assert!(flooded.stdout.starts_with(b"flood\nflood\n"));
+        assert!(flooded.stdout.len() <= 64 * 1024);
+        let whole_lines = flooded.stdout.len() - flooded.stdout.len() % 6;
+        assert!(flooded.stdout[..whole_lines]
+            .chunks(6)
+            .all(|line| line == b"flood\n"));
 
         // Afterwards: still answering, and no survivors of the bomb or the loop.
         let (after, _, _) = sh(&agent, &format!("sleep 1; {count}")).await;
