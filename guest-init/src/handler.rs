@@ -420,6 +420,18 @@ fn net_error(error: &NetError) -> ErrorBody {
 mod tests {
     use super::*;
 
+    /// An agent as it runs outside the guest (not PID 1, no cgroups).
+    fn host_agent() -> Agent {
+        Agent::new(
+            ExecContext {
+                supervisor: crate::supervisor::global(),
+                cgroups: std::sync::Arc::new(crate::cgroup::Cgroups::disabled()),
+                root: "/".into(),
+            },
+            false,
+        )
+    }
+
     #[test]
     fn io_errors_map_to_codes() {
         let code = |errno| io_code(&io::Error::from_raw_os_error(errno));
@@ -476,14 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn guest_wide_changes_need_init() {
-        let agent = Agent::new(
-            ExecContext {
-                supervisor: crate::supervisor::global(),
-                cgroups: std::sync::Arc::new(crate::cgroup::Cgroups::disabled()),
-                root: "/".into(),
-            },
-            false,
-        );
+        let agent = host_agent();
         for request in [
             Request::SetTime(arrakis_protocol::SetTimeRequest { unix_nanos: 0 }),
             Request::Configure(ConfigureRequest::default()),
@@ -505,14 +510,7 @@ mod tests {
     #[tokio::test]
     async fn file_requests_without_a_stream() {
         let dir = tempfile::tempdir().unwrap();
-        let agent = Agent::new(
-            ExecContext {
-                supervisor: crate::supervisor::global(),
-                cgroups: std::sync::Arc::new(crate::cgroup::Cgroups::disabled()),
-                root: "/".into(),
-            },
-            false,
-        );
+        let agent = host_agent();
         let sub = dir.path().join("a/b").display().to_string();
         let mkdir = arrakis_protocol::MkdirRequest {
             path: sub.clone(),

@@ -31,18 +31,20 @@ pub struct GroupEntry {
     pub members: Vec<String>,
 }
 
-/// Parses passwd content; malformed lines and comments are skipped.
-pub fn parse_passwd(content: &str) -> Vec<PasswdEntry> {
+/// The colon-separated fields of each line of a passwd-style file with at
+/// least `min_fields` fields and a name; comments and short lines are skipped.
+fn records(content: &str, min_fields: usize) -> impl Iterator<Item = Vec<&str>> {
     content
         .lines()
-        .filter_map(|line| {
-            if line.starts_with('#') {
-                return None;
-            }
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() < 7 || fields[0].is_empty() {
-                return None;
-            }
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| line.split(':').collect::<Vec<&str>>())
+        .filter(move |fields| fields.len() >= min_fields && !fields[0].is_empty())
+}
+
+/// Parses passwd content; malformed lines and comments are skipped.
+pub fn parse_passwd(content: &str) -> Vec<PasswdEntry> {
+    records(content, 7)
+        .filter_map(|fields| {
             Some(PasswdEntry {
                 name: fields[0].to_owned(),
                 uid: fields[2].parse().ok()?,
@@ -56,16 +58,8 @@ pub fn parse_passwd(content: &str) -> Vec<PasswdEntry> {
 
 /// Parses group content; malformed lines and comments are skipped.
 pub fn parse_group(content: &str) -> Vec<GroupEntry> {
-    content
-        .lines()
-        .filter_map(|line| {
-            if line.starts_with('#') {
-                return None;
-            }
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() < 4 || fields[0].is_empty() {
-                return None;
-            }
+    records(content, 4)
+        .filter_map(|fields| {
             Some(GroupEntry {
                 name: fields[0].to_owned(),
                 gid: fields[2].parse().ok()?,

@@ -382,6 +382,22 @@ impl Manager {
         Ok(())
     }
 
+    /// Kills the VM of `record`; a failure names the sandbox.
+    pub(super) async fn kill_vm(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+    ) -> Result<(), RuntimeError> {
+        self.inner
+            .vmm
+            .kill(vm)
+            .await
+            .map_err(|source| RuntimeError::Vmm {
+                name: record.name.clone(),
+                source,
+            })
+    }
+
     /// Kills QEMU if it runs, then removes the directory, the record and the
     /// lock file, in that order, so an interrupted teardown can be resumed.
     /// The caller holds the lock.
@@ -394,14 +410,7 @@ impl Manager {
                 dir: dir.clone(),
             };
             if self.inner.vmm.is_alive(&vm) {
-                self.inner
-                    .vmm
-                    .kill(&vm)
-                    .await
-                    .map_err(|source| RuntimeError::Vmm {
-                        name: record.name.clone(),
-                        source,
-                    })?;
+                self.kill_vm(record, &vm).await?;
             }
         }
         match std::fs::remove_dir_all(dir.path()) {

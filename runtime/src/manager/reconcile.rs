@@ -121,14 +121,7 @@ impl Manager {
             Action::Keep => {}
             Action::Record(state) | Action::KillThenRecord(state) => {
                 if let (Action::KillThenRecord(_), Some(vm)) = (action, self.handle(&record)) {
-                    self.inner
-                        .vmm
-                        .kill(&vm)
-                        .await
-                        .map_err(|source| RuntimeError::Vmm {
-                            name: record.name.clone(),
-                            source,
-                        })?;
+                    self.kill_vm(&record, &vm).await?;
                 }
                 let pid = record.pid.filter(|_| state.expects_process());
                 if pid.is_none() {
