@@ -240,8 +240,17 @@ fn mount_userland() {
 }
 
 fn identity_and_network(config: &BootConfig) {
-    if let Err(e) = crate::system::set_hostname(&config.hostname) {
-        tracing::warn!(error = %error_chain(&e), "hostname not set");
+    // The file write is the first metadata update of the fresh root file
+    // system (tens of ms under emulation); nothing waits for it, so it is
+    // kept off the path to the agent answering.
+    match crate::system::set_kernel_hostname(&config.hostname) {
+        Ok(()) => {
+            let name = config.hostname.clone();
+            let _ = std::thread::Builder::new()
+                .name("hostname".into())
+                .spawn(move || crate::system::write_hostname_file(&name));
+        }
+        Err(e) => tracing::warn!(error = %error_chain(&e), "hostname not set"),
     }
     if let Err(e) = net::loopback_up() {
         tracing::warn!(error = %error_chain(&e), "loopback not up");

@@ -56,13 +56,24 @@ pub fn validate_hostname(name: &str) -> Result<(), SystemError> {
 
 /// Sets the kernel hostname and, when the root filesystem lets us, `/etc/hostname`.
 pub fn set_hostname(name: &str) -> Result<(), SystemError> {
+    set_kernel_hostname(name)?;
+    write_hostname_file(name);
+    Ok(())
+}
+
+/// Validates `name` and sets the kernel hostname only.
+pub fn set_kernel_hostname(name: &str) -> Result<(), SystemError> {
     validate_hostname(name)?;
-    nix::unistd::sethostname(name).map_err(SystemError::SetHostname)?;
+    nix::unistd::sethostname(name).map_err(SystemError::SetHostname)
+}
+
+/// Records the hostname in `/etc/hostname` (best effort: the root file
+/// system may be read-only).
+pub fn write_hostname_file(name: &str) {
     let line = format!("{name}\n");
     if let Err(e) = write_atomic(Path::new("/etc/hostname"), line.as_bytes(), 0o644) {
         tracing::debug!(error = %e, "/etc/hostname not updated");
     }
-    Ok(())
 }
 
 /// The kernel hostname.
