@@ -50,14 +50,16 @@ async fn bench(config: RuntimeConfig, runs: usize) -> anyhow::Result<()> {
         ours.push(cold_start(&manager, &format!("cold{i}")).await?);
     }
     let (base, mine) = (median(&mut baseline), median(&mut ours));
-    println!("cold start to first output");
+    println!("cold start to first output (median, min-max)");
     println!(
-        "  bare QEMU, same kernel + rootfs, to marker  {:>9.1} ms",
-        ms(base)
+        "  bare QEMU, same kernel + rootfs, to marker  {:>9.1} ms  {}",
+        ms(base),
+        spread(&baseline)
     );
     println!(
-        "  arrakis create + exec echo                   {:>9.1} ms",
-        ms(mine)
+        "  arrakis create + exec echo                   {:>9.1} ms  {}",
+        ms(mine),
+        spread(&ours)
     );
     println!(
         "  overhead of our stack                        {:>+9.1} %",
@@ -278,6 +280,15 @@ fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();
     times[times.len() / 2]
+}
+
+/// "min-max ms" of sorted times.
+fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "{:.0}-{:.0} ms",
+        ms(sorted[0]),
+        ms(sorted[sorted.len() - 1])
+    )
 }
 
 fn ms(d: Duration) -> f64 {
