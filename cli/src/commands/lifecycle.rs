@@ -1,6 +1,6 @@
-//! create, start, stop, pause, resume, destroy, list, get.
+//! create, destroy and list, and how every lifecycle verb shows its result.
 
-use arrakis_runtime::{Manager, SandboxSpec};
+use arrakis_runtime::{Manager, SandboxInfo, SandboxSpec};
 
 use crate::cli::{CreateArgs, SizeArgs};
 use crate::output;
@@ -15,9 +15,7 @@ pub fn spec(name: &str, size: &SizeArgs) -> SandboxSpec {
 }
 
 pub async fn create(manager: &Manager, args: CreateArgs, json: bool) -> anyhow::Result<u8> {
-    let info = manager.create(spec(&args.name, &args.size)).await?;
-    output::sandbox(&info, json)?;
-    Ok(0)
+    show(manager.create(spec(&args.name, &args.size)).await?, json)
 }
 
 pub async fn list(manager: &Manager, json: bool) -> anyhow::Result<u8> {
@@ -25,28 +23,9 @@ pub async fn list(manager: &Manager, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn get(manager: &Manager, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::sandbox(&manager.get(name).await?, json)?;
-    Ok(0)
-}
-
-pub async fn start(manager: &Manager, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::sandbox(&manager.start(name).await?, json)?;
-    Ok(0)
-}
-
-pub async fn stop(manager: &Manager, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::sandbox(&manager.stop(name).await?, json)?;
-    Ok(0)
-}
-
-pub async fn pause(manager: &Manager, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::sandbox(&manager.pause(name).await?, json)?;
-    Ok(0)
-}
-
-pub async fn resume(manager: &Manager, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::sandbox(&manager.resume(name).await?, json)?;
+/// Prints the sandbox a lifecycle call returned.
+pub fn show(info: SandboxInfo, json: bool) -> anyhow::Result<u8> {
+    output::sandbox(&info, json)?;
     Ok(0)
 }
 

@@ -29,11 +29,11 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Verb::Cp(cp) => cp::copy(&manager, cp).await,
         Verb::Fs(verb) => fs::run(&manager, verb, json).await,
         Verb::List => lifecycle::list(&manager, json).await,
-        Verb::Get { name } => lifecycle::get(&manager, &name, json).await,
-        Verb::Start { name } => lifecycle::start(&manager, &name, json).await,
-        Verb::Stop { name } => lifecycle::stop(&manager, &name, json).await,
-        Verb::Pause { name } => lifecycle::pause(&manager, &name, json).await,
-        Verb::Resume { name } => lifecycle::resume(&manager, &name, json).await,
+        Verb::Get { name } => lifecycle::show(manager.get(&name).await?, json),
+        Verb::Start { name } => lifecycle::show(manager.start(&name).await?, json),
+        Verb::Stop { name } => lifecycle::show(manager.stop(&name).await?, json),
+        Verb::Pause { name } => lifecycle::show(manager.pause(&name).await?, json),
+        Verb::Resume { name } => lifecycle::show(manager.resume(&name).await?, json),
         Verb::Destroy { name } => lifecycle::destroy(&manager, &name).await,
     }
 }
