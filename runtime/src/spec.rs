@@ -96,48 +96,47 @@ pub fn image_path(images_dir: &Path, image: &str) -> PathBuf {
     images_dir.join(image).join("rootfs.ext4")
 }
 
-/// 1 to 63 characters: an ASCII letter or digit, then letters, digits, `_`, `.`, `-`.
+/// 1 to 63 characters (not bytes) of free text: no control characters, no
+/// `/`, and not only whitespace. A name is never a path component or a
+/// kernel argument: the sandbox directory is named by id, and the guest
+/// hostname is derived by [`hostname_for`].
 pub fn validate_name(name: &str) -> Result<(), String> {
-    const FORM: &str =
-        "1 to 63 characters: a letter or digit, then letters, digits, '_', '.' or '-'";
-    let mut chars = name.chars();
-    let Some(first) = chars.next() else {
+    const FORM: &str = "1 to 63 characters, no control characters, no '/', not only whitespace";
+    let len = name.chars().count();
+    if len == 0 {
         return Err(format!("the name is empty; accepted: {FORM}"));
-    };
-    if name.len() > MAX_NAME_LEN {
+    }
+    if len > MAX_NAME_LEN {
         return Err(format!(
-            "the name is {} bytes long; accepted: {FORM}",
-            name.len()
+            "the name is {len} characters long; accepted: {FORM}"
         ));
     }
-    if !first.is_ascii_alphanumeric() {
-        return Err(format!(
-            "{name:?} must start with a letter or digit; accepted: {FORM}"
-        ));
-    }
-    if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
+    if let Some(bad) = name.chars().find(|c| c.is_control() || *c == '/') {
         return Err(format!("{name:?} contains {bad:?}; accepted: {FORM}"));
+    }
+    if name.chars().all(char::is_whitespace) {
+        return Err(format!("the name is only whitespace; accepted: {FORM}"));
     }
     Ok(())
 }
 
-/// The guest hostname for a sandbox name: letters, digits, `-` and `.`
-/// (what the guest accepts); anything else becomes `-`, and a name that
-/// leaves nothing usable becomes `sandbox`.
+/// The guest hostname for a sandbox name: lowercase ASCII letters, digits,
+/// `-` and `.` (a valid hostname, and safe on the kernel command line);
+/// anything else becomes `-`, and a name that leaves nothing usable becomes
+/// `sandbox`.
 pub fn hostname_for(name: &str) -> String {
     let mapped: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' {
-                c
+                c.to_ascii_lowercase()
             } else {
                 '-'
             }
         })
         .take(MAX_NAME_LEN)
         .collect();
-    let trimmed = mapped.trim_start_matches(['-', '.']);
+    let trimmed = mapped.trim_matches(['-', '.']);
     if trimmed.is_empty() {
         "sandbox".to_string()
     } else {
@@ -145,9 +144,31 @@ pub fn hostname_for(name: &str) -> String {
     }
 }
 
-/// Image names follow the sandbox-name rules: they are one path component.
+/// 1 to 63 characters: an ASCII letter or digit, then letters, digits, `_`,
+/// `.`, `-`. Image names are one path component, so they stay strict.
 pub fn validate_image_name(image: &str) -> Result<(), String> {
-    validate_name(image).map_err(|why| why.replace("the name", "the image name"))
+    const FORM: &str =
+        "1 to 63 characters: a letter or digit, then letters, digits, '_', '.' or '-'";
+    let mut chars = image.chars();
+    let Some(first) = chars.next() else {
+        return Err(format!("the image name is empty; accepted: {FORM}"));
+    };
+    if image.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "the image name is {} bytes long; accepted: {FORM}",
+            image.len()
+        ));
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!(
+            "{image:?} must start with a letter or digit; accepted: {FORM}"
+        ));
+    }
+    if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!("{image:?} contains {bad:?}; accepted: {FORM}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,31 +181,80 @@ mod tests {
 
     #[test]
     fn names() {
-        for good in ["a", "A1", "web-1", "x.y_z", "0", &"a".repeat(63)] {
+        for good in [
+            "a",
+            "A1",
+            "web-1",
+            "x.y_z",
+            "0",
+            "-a",
+            "my sb",
+            "Ünï cødé",
+            "名前",
+            " padded ",
+            &"a".repeat(63),
+            &"é".repeat(63),
+        ] {
             assert_eq!(validate_name(good), Ok(()), "{good}");
         }
         for bad in [
             "",
-            "-a",
-            ".a",
-            "_a",
-            "a b",
+            " ",
+            "\u{3000}\t",
             "a/b",
-            "ä",
+            "..//",
             "a\0",
-            "..",
+            "a\nb",
+            "a\u{7f}",
             &"a".repeat(64),
+            &"é".repeat(64),
         ] {
             let err = validate_name(bad).unwrap_err();
-            assert!(err.contains("accepted"), "{bad}: {err}");
+            assert!(err.contains("accepted"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn image_names_stay_one_path_component() {
+        for good in ["default", "x.y_z", "a-1"] {
+            assert_eq!(validate_image_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "..", "-a", "a b", "a/b", "ä", &"a".repeat(64)] {
+            let err = validate_image_name(bad).unwrap_err();
+            assert!(
+                err.contains("the image name") || err.contains("accepted"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostnames_never_carry_kernel_arguments() {
+        for name in [
+            "a init=/bin/sh",
+            "x\" quiet",
+            "a=b c=d",
+            "tab\there",
+            " arrakis.hostname=evil",
+        ] {
+            let host = hostname_for(name);
+            assert!(
+                !host.is_empty()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')),
+                "{name:?} -> {host:?}"
+            );
+        }
+        assert_eq!(hostname_for("a init=/bin/sh"), "a-init--bin-sh");
     }
 
     #[test]
     fn hostnames_keep_what_the_guest_accepts() {
         assert_eq!(hostname_for("web-1.prod"), "web-1.prod");
         assert_eq!(hostname_for("my_box"), "my-box");
-        assert_eq!(hostname_for("Ünï cødé"), "n--c-d-");
+        assert_eq!(hostname_for("Ünï cødé"), "n--c-d");
+        assert_eq!(hostname_for("My Box"), "my-box");
         assert_eq!(hostname_for("___"), "sandbox");
         assert_eq!(hostname_for(&"a".repeat(100)).len(), 63);
     }
@@ -247,7 +317,7 @@ mod tests {
                 "image",
                 "accepted",
             ),
-            (SandboxSpec::named("no spaces"), "name", "accepted"),
+            (SandboxSpec::named("no/slash"), "name", "accepted"),
         ];
         for (spec, field, hint) in cases {
             let err = resolve(&spec, &config()).unwrap_err();

@@ -556,7 +556,8 @@ fn bad_input_is_refused_and_starts_nothing() {
         let manager = env.manager().await;
         let bad = [
             (SandboxSpec::named(""), "name"),
-            (SandboxSpec::named("has space"), "name"),
+            (SandboxSpec::named("line\nbreak"), "name"),
+            (SandboxSpec::named("   "), "name"),
             (SandboxSpec::named(&"x".repeat(64)), "name"),
             (SandboxSpec::named("../escape"), "name"),
             (

@@ -194,7 +194,9 @@ impl Manager {
                     .store
                     .set_state(&record.name, &record.id, running, record.pid)?;
                 record.state = running;
-                tracing::info!(agent = %self.agent_version(&record.id).await, "sandbox running");
+                // Awaited outside the macro: its arguments are not `Send`.
+                let version = self.agent_version(&record.id).await;
+                tracing::info!(agent = %version, "sandbox running");
                 Ok(())
             }
             Err(reason) => {

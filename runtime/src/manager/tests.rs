@@ -18,6 +18,8 @@ use crate::vmm::{VmSpec, VmStatus, VmmError};
 struct FakeVmm {
     vms: Mutex<HashMap<u32, VmStatus>>,
     killed: Mutex<Vec<u32>>,
+    /// Every spec `launch` was called with.
+    launched: Mutex<Vec<VmSpec>>,
 }
 
 impl FakeVmm {
@@ -25,6 +27,7 @@ impl FakeVmm {
         Arc::new(FakeVmm {
             vms: Mutex::new(vms.iter().cloned().collect()),
             killed: Mutex::default(),
+            launched: Mutex::default(),
         })
     }
 
@@ -39,7 +42,8 @@ impl FakeVmm {
 
 #[async_trait]
 impl Vmm for FakeVmm {
-    async fn launch(&self, _spec: &VmSpec) -> Result<VmHandle, VmmError> {
+    async fn launch(&self, spec: &VmSpec) -> Result<VmHandle, VmmError> {
+        self.launched.lock().unwrap().push(spec.clone());
         Err(VmmError::LaunchFailed {
             status: "exit status: 1".into(),
             stderr: "fake: no VMs here".into(),
@@ -333,6 +337,28 @@ async fn a_failed_create_leaves_nothing() {
         .unwrap()
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn a_name_never_reaches_the_kernel_command_line() {
+    let fx = Fixture::new();
+    let vmm = FakeVmm::with(&[]);
+    let manager = fx.open(vmm.clone()).await;
+    let name = "x init=sh arrakis.hostname=evil\u{a0}Ü";
+    manager.create(SandboxSpec::named(name)).await.unwrap_err();
+    let launched = vmm.launched.lock().unwrap().clone();
+    assert_eq!(launched.len(), 1);
+    let cmdline = crate::vmm::qemu::kernel_cmdline(&launched[0]);
+    let hostnames: Vec<&str> = cmdline
+        .split(' ')
+        .filter(|arg| arg.starts_with("arrakis.hostname="))
+        .collect();
+    assert_eq!(
+        hostnames,
+        ["arrakis.hostname=x-init-sh-arrakis.hostname-evil"],
+        "{cmdline}"
+    );
+    assert!(!cmdline.contains(" init="), "{cmdline}");
 }
 
 #[tokio::test]
