@@ -1,0 +1,133 @@
+//! `POST /vms/{name}/files` (upload text files) and `GET
+//! /vms/{name}/files?paths=a,b` (download them). Relative paths are under
+//! `/tmp/server_files`; absolute paths are used as given both ways, so an
+//! upload and a download of the same path round-trip.
+
+use arrakis_protocol::FileKind;
+use arrakis_runtime::agent::error_chain;
+use arrakis_runtime::{AgentClient, RuntimeError, WriteOptions};
+use axum::extract::{RawQuery, State};
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::extract::{JsonBody, VmName};
+use crate::wire::{
+    guest_path, parse_download_query, DownloadResponse, Empty, ErrorBody, FileDownload,
+    UploadRequest,
+};
+use crate::AppState;
+
+/// Largest file a download returns (the reply holds it as a JSON string).
+pub const MAX_DOWNLOAD_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Writes each file (creating parent directories), in order; stops at the
+/// first failure, leaving the files before it written.
+#[utoipa::path(
+    post,
+    path = "/vms/{name}/files",
+    tag = "files",
+    params(("name" = String, Path, description = "The VM name")),
+    request_body = UploadRequest,
+    responses(
+        (status = 200, body = Empty),
+        (status = 400, body = ErrorBody, description = "Not JSON, no files, or an empty path"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The VM is not running"),
+        (status = 500, body = ErrorBody),
+    )
+)]
+pub(crate) async fn upload(
+    State(state): State<AppState>,
+    VmName(name): VmName,
+    JsonBody(request): JsonBody<UploadRequest>,
+) -> Result<Json<Empty>, ApiError> {
+    request.validate()?;
+    let agent = state.manager.agent(&name).await?;
+    let options = WriteOptions {
+        create_parents: true,
+        ..WriteOptions::default()
+    };
+    for (i, file) in request.files.iter().enumerate() {
+        agent
+            .write_file(
+                &guest_path(&file.path),
+                &mut file.content.as_bytes(),
+                options,
+            )
+            .await
+            .map_err(|source| {
+                let error = ApiError::from(RuntimeError::Agent {
+                    name: name.clone(),
+                    source,
+                });
+                ApiError::new(
+                    error.status,
+                    format!("files[{i}] ({:?}): {}", file.path, error.message),
+                )
+            })?;
+    }
+    Ok(Json(Empty {}))
+}
+
+/// Reads each file as text (invalid UTF-8 becomes U+FFFD). A file that
+/// cannot be read is reported in its own `error`, with status 200.
+#[utoipa::path(
+    get,
+    path = "/vms/{name}/files",
+    tag = "files",
+    params(
+        ("name" = String, Path, description = "The VM name"),
+        ("paths" = String, Query, description = "Comma-separated file paths"),
+    ),
+    responses(
+        (status = 200, body = DownloadResponse),
+        (status = 400, body = ErrorBody, description = "No paths"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The VM is not running"),
+        (status = 500, body = ErrorBody),
+    )
+)]
+pub(crate) async fn download(
+    State(state): State<AppState>,
+    VmName(name): VmName,
+    RawQuery(query): RawQuery,
+) -> Result<Json<DownloadResponse>, ApiError> {
+    let paths = parse_download_query(query.as_deref())?;
+    let agent = state.manager.agent(&name).await?;
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let item = match read_text(&agent, &guest_path(&path)).await {
+            Ok(content) => FileDownload {
+                path,
+                content,
+                error: String::new(),
+            },
+            Err(why) => FileDownload {
+                path,
+                content: String::new(),
+                error: format!("Failed to read file: {why}"),
+            },
+        };
+        files.push(item);
+    }
+    Ok(Json(DownloadResponse { files }))
+}
+
+async fn read_text(agent: &AgentClient, path: &str) -> Result<String, String> {
+    let stat = agent.stat(path).await.map_err(|e| error_chain(&e))?;
+    if stat.kind == FileKind::Dir {
+        return Err(format!("{path} is a directory"));
+    }
+    if stat.size > MAX_DOWNLOAD_BYTES {
+        return Err(format!(
+            "{path} is {} bytes; downloads are limited to {MAX_DOWNLOAD_BYTES}",
+            stat.size
+        ));
+    }
+    let mut content = Vec::with_capacity(stat.size as usize);
+    agent
+        .read_file(path, &mut content)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    Ok(String::from_utf8_lossy(&content).into_owned())
+}

@@ -1,0 +1,482 @@
+//! The JSON wire types of the API, shaped like the original Arrakis REST
+//! server (what py-arrakis 2.0.0 sends and reads), and their parsing into
+//! domain requests. Nothing here touches the runtime.
+
+use arrakis_runtime::{SandboxInfo, SandboxState};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// Working directory of commands, and the base of relative file paths.
+pub const WORK_DIR: &str = "/tmp/server_files";
+
+/// `{"error":{"message":"..."}}`, the body of every error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorMessage {
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(message: String) -> ErrorBody {
+        ErrorBody {
+            error: ErrorMessage { message },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `healthy`.
+    pub status: String,
+    /// RFC 3339, UTC, e.g. `2025-05-26T07:17:03Z`.
+    pub timestamp: String,
+}
+
+/// `{"success":true}`, the reply of state changes and deletes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Success {
+    pub success: bool,
+}
+
+impl Success {
+    pub const TRUE: Success = Success { success: true };
+}
+
+/// `{}`, the reply of an upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Empty {}
+
+/// What a VM looks like on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Vm {
+    pub vm_name: String,
+    pub status: VmStatus,
+    /// Guest address with prefix length (`10.20.1.2/24`); empty while
+    /// sandboxes have no network.
+    pub ip: String,
+    /// Empty while sandboxes have no network.
+    pub tap_device_name: String,
+    pub port_forwards: Vec<PortForward>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VmStatus {
+    Running,
+    Stopped,
+    Paused,
+}
+
+impl VmStatus {
+    /// The three states clients know. Transitions in progress show as the
+    /// state they leave (`creating`, `starting`: running; `stopping`,
+    /// `destroying`: stopped); a crashed VM is stopped and can be started.
+    pub fn of(state: SandboxState) -> VmStatus {
+        match state {
+            SandboxState::Creating | SandboxState::Starting | SandboxState::Running => {
+                VmStatus::Running
+            }
+            SandboxState::Paused => VmStatus::Paused,
+            SandboxState::Stopping
+            | SandboxState::Stopped
+            | SandboxState::Crashed
+            | SandboxState::Destroying => VmStatus::Stopped,
+        }
+    }
+}
+
+/// A forwarded port; ports are strings, as in the original server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForward {
+    pub host_port: String,
+    pub guest_port: String,
+    pub description: String,
+}
+
+impl From<&SandboxInfo> for Vm {
+    fn from(info: &SandboxInfo) -> Vm {
+        Vm {
+            vm_name: info.name.clone(),
+            status: VmStatus::of(info.state),
+            ip: String::new(),
+            tap_device_name: String::new(),
+            port_forwards: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub vms: Vec<Vm>,
+}
+
+/// `POST /v1/vms`. Every field is optional on the wire, unknown keys are
+/// ignored (as by the original server).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartVmRequest {
+    #[serde(default)]
+    pub vm_name: Option<String>,
+    /// Not supported: sandboxes boot the configured kernel.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Not supported: sandboxes boot the configured initramfs.
+    #[serde(default)]
+    pub initramfs: Option<String>,
+    /// Not supported: sandboxes boot the configured image.
+    #[serde(default)]
+    pub rootfs: Option<String>,
+    /// Accepted and ignored, as by the original server.
+    #[serde(default)]
+    pub entry_point: Option<String>,
+    /// Restore from a snapshot: not available yet.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+}
+
+/// What a start request asks for, once parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartCommand {
+    /// Create the VM, or boot it again if it exists and is stopped.
+    Start { name: String },
+}
+
+impl StartVmRequest {
+    pub fn parse(self) -> Result<StartCommand, ApiError> {
+        let name = self.vm_name.unwrap_or_default();
+        if name.is_empty() {
+            return Err(ApiError::bad_request(
+                "vmName is required: a non-empty string naming the VM",
+            ));
+        }
+        if non_empty(&self.snapshot_id) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_IMPLEMENTED,
+                "snapshotId: restoring from snapshots arrives with a later issue",
+            ));
+        }
+        for (field, value) in [
+            ("kernel", &self.kernel),
+            ("initramfs", &self.initramfs),
+            ("rootfs", &self.rootfs),
+        ] {
+            if non_empty(value) {
+                return Err(ApiError::unprocessable(format!(
+                    "{field} is not supported: sandboxes boot the server's configured {field}; omit it"
+                )));
+            }
+        }
+        Ok(StartCommand::Start { name })
+    }
+}
+
+fn non_empty(value: &Option<String>) -> bool {
+    value.as_deref().is_some_and(|v| !v.is_empty())
+}
+
+/// `PATCH /v1/vms/{name}`. Unknown keys are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateStateRequest {
+    /// `stopped`, `paused` or `resume`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    Stop,
+    Pause,
+    Resume,
+}
+
+impl UpdateStateRequest {
+    pub fn parse(self) -> Result<StateChange, ApiError> {
+        match self.status.as_deref() {
+            Some("stopped") => Ok(StateChange::Stop),
+            Some("paused") => Ok(StateChange::Pause),
+            Some("resume") => Ok(StateChange::Resume),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "invalid status {other:?}: accepted \"stopped\", \"paused\" or \"resume\""
+            ))),
+            None => Err(ApiError::bad_request(
+                "status is required: \"stopped\", \"paused\" or \"resume\"",
+            )),
+        }
+    }
+}
+
+/// `POST /v1/vms/{name}/cmd`: run `cmd` with `bash -c`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CmdRequest {
+    pub cmd: String,
+    /// Wait for the command and return its output (default). When false,
+    /// the command runs in the background and its output is dropped.
+    #[serde(default = "default_true")]
+    pub blocking: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl CmdRequest {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.cmd.is_empty() {
+            return Err(ApiError::bad_request(
+                "cmd is empty: give a command for bash -c",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Both keys are always present; `error` is empty when the command exited
+/// with status 0, else `exit status N` or `signal: NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CmdResponse {
+    /// Standard output and error, interleaved as they arrived.
+    pub output: String,
+    pub error: String,
+}
+
+/// `POST /v1/vms/{name}/files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadRequest {
+    pub files: Vec<FileUpload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpload {
+    /// Absolute, or relative to `/tmp/server_files`. Parent directories
+    /// are created.
+    pub path: String,
+    /// Text, written as UTF-8.
+    pub content: String,
+}
+
+impl UploadRequest {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.files.is_empty() {
+            return Err(ApiError::bad_request(
+                "files is empty: give at least one {\"path\",\"content\"}",
+            ));
+        }
+        if let Some(i) = self.files.iter().position(|f| f.path.is_empty()) {
+            return Err(ApiError::bad_request(format!("files[{i}].path is empty")));
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v1/vms/{name}/files?paths=a,b`: the comma-separated paths.
+pub fn parse_download_query(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let paths = pairs
+        .into_iter()
+        .find(|(key, _)| key == "paths")
+        .map(|(_, value)| value)
+        .unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ApiError::bad_request(
+            "the 'paths' query parameter is required: comma-separated file paths",
+        ));
+    }
+    Ok(paths.split(',').map(str::to_string).collect())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DownloadResponse {
+    pub files: Vec<FileDownload>,
+}
+
+/// All three keys are always present. A file that cannot be read has empty
+/// `content` and the reason in `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileDownload {
+    /// As requested.
+    pub path: String,
+    pub content: String,
+    pub error: String,
+}
+
+/// A guest path: absolute as given, relative under [`WORK_DIR`].
+pub fn guest_path(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{WORK_DIR}/{path}")
+    }
+}
+
+/// Go's wording for how a process ended (`exit status 1`,
+/// `signal: killed`), as the original server reported it; empty for
+/// success.
+pub fn exit_error(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(0), _) => String::new(),
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal: {}", signal_name(signal)),
+        (None, None) => "exit status unknown".to_string(),
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        1 => "hangup",
+        2 => "interrupt",
+        3 => "quit",
+        4 => "illegal instruction",
+        6 => "aborted",
+        7 => "bus error",
+        8 => "floating point exception",
+        9 => "killed",
+        10 => "user defined signal 1",
+        11 => "segmentation fault",
+        12 => "user defined signal 2",
+        13 => "broken pipe",
+        14 => "alarm clock",
+        15 => "terminated",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(json: &str) -> Result<StartCommand, ApiError> {
+        serde_json::from_str::<StartVmRequest>(json)
+            .unwrap()
+            .parse()
+    }
+
+    #[test]
+    fn start_requests() {
+        assert_eq!(
+            start(r#"{"vmName":"my sb","extra":1,"entryPoint":"x"}"#),
+            Ok(StartCommand::Start {
+                name: "my sb".into()
+            })
+        );
+        for (json, status, hint) in [
+            ("{}", 400, "vmName"),
+            (r#"{"vmName":""}"#, 400, "vmName"),
+            (r#"{"vmName":"a","snapshotId":"s"}"#, 501, "later issue"),
+            (r#"{"vmName":"a","kernel":"/k"}"#, 422, "kernel"),
+        ] {
+            let err = start(json).unwrap_err();
+            assert_eq!(err.status.as_u16(), status, "{json}");
+            assert!(err.message.contains(hint), "{json}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn state_changes() {
+        let parse = |json: &str| {
+            serde_json::from_str::<UpdateStateRequest>(json)
+                .unwrap()
+                .parse()
+        };
+        assert_eq!(parse(r#"{"status":"stopped"}"#), Ok(StateChange::Stop));
+        assert_eq!(
+            parse(r#"{"status":"paused","x":1}"#),
+            Ok(StateChange::Pause)
+        );
+        assert_eq!(parse(r#"{"status":"resume"}"#), Ok(StateChange::Resume));
+        for bad in [r#"{"status":"running"}"#, "{}"] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400);
+            assert!(err.message.contains("\"paused\""), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn cmd_requests() {
+        let req: CmdRequest = serde_json::from_str(r#"{"cmd":"echo hi"}"#).unwrap();
+        assert!(req.blocking);
+        assert_eq!(req.validate(), Ok(()));
+        let req: CmdRequest = serde_json::from_str(r#"{"cmd":"","blocking":false}"#).unwrap();
+        assert!(!req.blocking);
+        assert!(req.validate().unwrap_err().message.contains("cmd"));
+        assert!(serde_json::from_str::<CmdRequest>(r#"{"blocking":true}"#).is_err());
+        assert!(serde_json::from_str::<CmdRequest>(r#"{"cmd":"x","y":1}"#).is_err());
+    }
+
+    #[test]
+    fn upload_requests() {
+        let ok: UploadRequest =
+            serde_json::from_str(r#"{"files":[{"path":"/tmp/a b.txt","content":"h\u00e9llo"}]}"#)
+                .unwrap();
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.files[0].content, "héllo");
+        let empty: UploadRequest = serde_json::from_str(r#"{"files":[]}"#).unwrap();
+        assert!(empty.validate().is_err());
+        let no_path: UploadRequest =
+            serde_json::from_str(r#"{"files":[{"path":"","content":""}]}"#).unwrap();
+        assert!(no_path
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("files[0].path"));
+        assert!(serde_json::from_str::<UploadRequest>(r#"{"files":[{"path":"a"}]}"#).is_err());
+    }
+
+    #[test]
+    fn download_queries_decode_like_the_original() {
+        // What py-arrakis sends for ["/tmp/a b.txt", "x+y", "rel.txt"].
+        assert_eq!(
+            parse_download_query(Some("paths=/tmp/a%20b.txt,x+y,rel.txt")).unwrap(),
+            vec!["/tmp/a b.txt", "x y", "rel.txt"]
+        );
+        for bad in [None, Some(""), Some("paths="), Some("path=a")] {
+            let err = parse_download_query(bad).unwrap_err();
+            assert!(err.message.contains("'paths'"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn paths_and_exit_texts() {
+        assert_eq!(guest_path("/etc/hostname"), "/etc/hostname");
+        assert_eq!(guest_path("a/b.txt"), "/tmp/server_files/a/b.txt");
+        assert_eq!(exit_error(Some(0), None), "");
+        assert_eq!(exit_error(Some(2), None), "exit status 2");
+        assert_eq!(exit_error(None, Some(9)), "signal: killed");
+        assert_eq!(exit_error(None, Some(40)), "signal: signal 40");
+    }
+
+    #[test]
+    fn vm_objects_have_the_original_keys() {
+        let vm = Vm {
+            vm_name: "a".into(),
+            status: VmStatus::of(SandboxState::Crashed),
+            ip: String::new(),
+            tap_device_name: String::new(),
+            port_forwards: vec![PortForward {
+                host_port: "3000".into(),
+                guest_port: "5901".into(),
+                description: "gui".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&vm).unwrap(),
+            serde_json::json!({
+                "vmName": "a", "status": "STOPPED", "ip": "", "tapDeviceName": "",
+                "portForwards": [{"hostPort": "3000", "guestPort": "5901", "description": "gui"}]
+            })
+        );
+        assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");
+    }
+}

@@ -1,0 +1,438 @@
+//! Real-VM tests of the REST API: the server runs on 127.0.0.1:0 over a
+//! manager on a temporary state directory, and is driven over HTTP the way
+//! py-arrakis drives it. They need the artifacts from `scripts/setup`
+//! (under `$ARRAKIS_HOME`, default `~/.cache/arrakis`) and FAIL, naming what
+//! is missing, when those are absent.
+//!
+//! A guard kills every QEMU started under the state directory, even when
+//! the test fails; the test is bounded in time and runs at most two VMs.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use arrakis_runtime::{Manager, RuntimeConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// Upper bound of the test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(500);
+
+struct TestEnv {
+    config: RuntimeConfig,
+    _state: tempfile::TempDir,
+}
+
+impl TestEnv {
+    fn new() -> TestEnv {
+        let state = tempfile::Builder::new()
+            .prefix("arrakis-api-")
+            .tempdir()
+            .expect("temp dir");
+        let mut config = RuntimeConfig::from_env().expect("runtime config from the environment");
+        config.state_dir = state.path().join("state");
+        config.boot_timeout_secs = 120;
+        let image = config
+            .images_dir
+            .join(&config.default_image)
+            .join("rootfs.ext4");
+        let missing: Vec<String> = [
+            ("kernel", &config.kernel),
+            ("initramfs", &config.initramfs),
+            ("default image", &image),
+        ]
+        .iter()
+        .filter(|(_, path)| !path.is_file())
+        .map(|(what, path)| format!("{what} ({})", path.display()))
+        .collect();
+        assert!(
+            missing.is_empty(),
+            "VM test artifacts are missing: {}. Run scripts/setup (or set ARRAKIS_HOME) first.",
+            missing.join(", ")
+        );
+        TestEnv {
+            config,
+            _state: state,
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for pid in pids_under(&self.config.state_dir.join("sandboxes")) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Pids of live processes whose command line mentions `dir`.
+fn pids_under(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| String::from_utf8_lossy(&raw).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn run<F: Future<Output = ()>>(body: F) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "arrakis_runtime=info,arrakis_api=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            tokio::time::timeout(TEST_TIMEOUT, body)
+                .await
+                .expect("test exceeded its time bound")
+        });
+}
+
+/// An HTTP client of the server under test.
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn start(manager: Manager) -> Api {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(arrakis_api::serve(listener, manager));
+        Api {
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a request (JSON body if given); returns the status and the
+    /// JSON reply, which every reply must have.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path} -> {status}: not JSON ({e}): {text:?}"));
+        (status, json)
+    }
+
+    /// A call that must succeed with 200.
+    async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let (status, json) = self.call(method.clone(), path, body).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {json}");
+        json
+    }
+
+    /// A call that must fail with `code` and the error body.
+    async fn fails(&self, method: Method, path: &str, body: Option<Value>, code: u16) -> String {
+        let (status, json) = self.call(method.clone(), path, body).await;
+        assert_eq!(status.as_u16(), code, "{method} {path}: {json}");
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path}: no error message in {json}"))
+            .to_string()
+    }
+
+    async fn cmd(&self, vm: &str, cmd: &str) -> (String, String) {
+        let reply = self
+            .ok(
+                Method::POST,
+                &format!("/v1/vms/{vm}/cmd"),
+                Some(json!({"cmd": cmd, "blocking": true})),
+            )
+            .await;
+        let keys: Vec<&String> = reply.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["error", "output"], "{reply}");
+        (
+            reply["output"].as_str().unwrap().to_string(),
+            reply["error"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+fn vm_status(vm: &Value) -> &str {
+    vm["status"].as_str().unwrap_or("")
+}
+
+/// The name with a space and unicode, and how py-arrakis puts it in a path.
+const NAME: &str = "my sb ü";
+const PATH_NAME: &str = "my%20sb%20%C3%BC";
+
+#[test]
+fn py_arrakis_flow_over_http() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = Manager::open(env.config.clone()).await.expect("manager");
+        let api = Api::start(manager).await;
+
+        for path in ["/v1/health", "/health"] {
+            assert_eq!(api.ok(Method::GET, path, None).await["status"], "healthy");
+        }
+        assert_eq!(
+            api.ok(Method::GET, "/v1/vms", None).await,
+            json!({"vms": []})
+        );
+
+        // Start: the reply is the VM object, and commands run right away.
+        let vm = api
+            .ok(Method::POST, "/v1/vms", Some(json!({"vmName": NAME})))
+            .await;
+        assert_eq!(
+            vm,
+            json!({"vmName": NAME, "status": "RUNNING", "ip": "", "tapDeviceName": "",
+                   "portForwards": []})
+        );
+        let vm_path = format!("/v1/vms/{PATH_NAME}");
+        assert_eq!(api.ok(Method::GET, &vm_path, None).await, vm);
+        assert_eq!(
+            api.ok(Method::GET, &format!("/vms/{PATH_NAME}"), None)
+                .await,
+            vm
+        );
+
+        commands(&api).await;
+        files(&api).await;
+
+        // Pause and resume.
+        let paused = json!({"status": "paused"});
+        assert_eq!(
+            api.ok(Method::PATCH, &vm_path, Some(paused.clone())).await,
+            json!({"success": true})
+        );
+        assert_eq!(
+            vm_status(&api.ok(Method::GET, &vm_path, None).await),
+            "PAUSED"
+        );
+        let busy = api
+            .fails(
+                Method::POST,
+                &format!("{vm_path}/cmd"),
+                Some(json!({"cmd": "true"})),
+                409,
+            )
+            .await;
+        assert!(busy.contains("paused"), "{busy}");
+        api.fails(Method::PATCH, &vm_path, Some(paused), 409).await;
+        api.ok(Method::PATCH, &vm_path, Some(json!({"status": "resume"})))
+            .await;
+        assert_eq!(
+            vm_status(&api.ok(Method::GET, &vm_path, None).await),
+            "RUNNING"
+        );
+        assert_eq!(api.cmd(PATH_NAME, "echo back").await.0, "back\n");
+
+        // A second VM through the unprefixed routes; stop and restart it.
+        let second = api
+            .ok(
+                Method::POST,
+                "/vms",
+                Some(json!({"vmName": "second", "x": 1})),
+            )
+            .await;
+        assert_eq!(vm_status(&second), "RUNNING");
+        let listed = api.ok(Method::GET, "/vms", None).await;
+        let mut names: Vec<&str> = listed["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["vmName"].as_str().unwrap())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["my sb ü", "second"]);
+        api.fails(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"vmName": "second"})),
+            409,
+        )
+        .await;
+        api.cmd("second", "echo kept > /root/kept").await;
+        api.ok(
+            Method::PATCH,
+            "/vms/second",
+            Some(json!({"status": "stopped"})),
+        )
+        .await;
+        assert_eq!(
+            vm_status(&api.ok(Method::GET, "/vms/second", None).await),
+            "STOPPED"
+        );
+        let stopped = api
+            .fails(
+                Method::POST,
+                "/vms/second/cmd",
+                Some(json!({"cmd": "true"})),
+                409,
+            )
+            .await;
+        assert!(stopped.contains("stopped"), "{stopped}");
+        let restarted = api
+            .ok(Method::POST, "/v1/vms", Some(json!({"vmName": "second"})))
+            .await;
+        assert_eq!(vm_status(&restarted), "RUNNING");
+        assert_eq!(
+            api.cmd("second", "cat /root/kept").await,
+            ("kept\n".into(), String::new())
+        );
+
+        // Destroy one, then all.
+        assert_eq!(
+            api.ok(Method::DELETE, &vm_path, None).await,
+            json!({"success": true})
+        );
+        let gone = api.fails(Method::GET, &vm_path, None, 404).await;
+        assert!(gone.contains(NAME), "{gone}");
+        api.fails(Method::DELETE, &vm_path, None, 404).await;
+        assert_eq!(
+            api.ok(Method::DELETE, "/v1/vms", None).await,
+            json!({"success": true})
+        );
+        assert_eq!(
+            api.ok(Method::GET, "/v1/vms", None).await,
+            json!({"vms": []})
+        );
+        assert!(pids_under(&env.config.state_dir.join("sandboxes")).is_empty());
+
+        // Error shapes.
+        let empty = api.fails(Method::POST, "/v1/vms", None, 400).await;
+        assert!(empty.contains("vmName"), "{empty}");
+        api.fails(Method::GET, "/v1/vms/nope", None, 404).await;
+        api.fails(
+            Method::POST,
+            "/vms/nope/cmd",
+            Some(json!({"cmd": "true"})),
+            404,
+        )
+        .await;
+    });
+}
+
+/// Commands on the first VM: output, exit texts, any bash, no 30 s cap,
+/// background runs.
+async fn commands(api: &Api) {
+    let vm = PATH_NAME;
+    assert_eq!(
+        api.cmd(vm, "echo hello world").await,
+        ("hello world\n".into(), String::new())
+    );
+    assert_eq!(
+        api.cmd(vm, "echo out; echo err >&2; exit 3").await.1,
+        "exit status 3"
+    );
+    let (both, _) = api.cmd(vm, "echo out; sleep 0.3; echo err >&2").await;
+    assert_eq!(both, "out\nerr\n");
+    assert_eq!(api.cmd(vm, "kill -9 $$").await.1, "signal: killed");
+    // Valid bash the original server's pre-parse rejected.
+    assert_eq!(
+        api.cmd(vm, "(cd /tmp && pwd); pwd").await,
+        ("/tmp\n/tmp/server_files\n".into(), String::new())
+    );
+    assert_eq!(
+        api.cmd(vm, "sleep 31; echo late").await,
+        ("late\n".into(), String::new())
+    );
+    let started = api
+        .ok(
+            Method::POST,
+            &format!("/v1/vms/{vm}/cmd"),
+            Some(json!({"cmd": "sleep 1; echo bg > /tmp/bg.txt", "blocking": false})),
+        )
+        .await;
+    assert_eq!(
+        started,
+        json!({"output": "Command '/usr/bin/bash -c sleep 1; echo bg > /tmp/bg.txt' started in background",
+               "error": ""})
+    );
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = api.cmd(vm, "cat /tmp/bg.txt 2>/dev/null").await.0;
+        if seen == "bg\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen, "bg\n", "the background command never finished");
+    let empty = api
+        .fails(
+            Method::POST,
+            &format!("/v1/vms/{vm}/cmd"),
+            Some(json!({"cmd": ""})),
+            400,
+        )
+        .await;
+    assert!(empty.contains("cmd"), "{empty}");
+}
+
+/// Upload and download round trips on the first VM, as py-arrakis sends them.
+async fn files(api: &Api) {
+    let vm = PATH_NAME;
+    let files = json!({"files": [
+        {"path": "/tmp/a b.txt", "content": "h\u{e9}llo"},
+        {"path": "rel/x.txt", "content": "relative\n"},
+    ]});
+    assert_eq!(
+        api.ok(Method::POST, &format!("/v1/vms/{vm}/files"), Some(files))
+            .await,
+        json!({})
+    );
+    assert_eq!(api.cmd(vm, "cat rel/x.txt").await.0, "relative\n");
+    let got = api
+        .ok(
+            Method::GET,
+            &format!("/v1/vms/{vm}/files?paths=/tmp/a%20b.txt,rel/x.txt,missing.txt"),
+            None,
+        )
+        .await;
+    let files = got["files"].as_array().unwrap();
+    assert_eq!(files.len(), 3, "{got}");
+    assert_eq!(
+        files[0],
+        json!({"path": "/tmp/a b.txt", "content": "héllo", "error": ""})
+    );
+    assert_eq!(
+        files[1],
+        json!({"path": "rel/x.txt", "content": "relative\n", "error": ""})
+    );
+    assert_eq!(files[2]["path"], "missing.txt");
+    assert_eq!(files[2]["content"], "");
+    let error = files[2]["error"].as_str().unwrap();
+    assert!(error.starts_with("Failed to read file:"), "{error}");
+    let missing = api
+        .fails(Method::GET, &format!("/vms/{vm}/files"), None, 400)
+        .await;
+    assert!(missing.contains("paths"), "{missing}");
+    let no_files = api
+        .fails(
+            Method::POST,
+            &format!("/vms/{vm}/files"),
+            Some(json!({"files": []})),
+            400,
+        )
+        .await;
+    assert!(no_files.contains("files"), "{no_files}");
+}
