@@ -44,6 +44,16 @@ pub enum Verb {
     Resume { name: String },
     /// Remove a sandbox and everything it owns.
     Destroy { name: String },
+    /// Run the sandbox daemon with its HTTP API (py-arrakis compatible).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ServeArgs {
+    /// Address to listen on. Only loopback addresses are accepted until API
+    /// tokens exist; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, ClapArgs)]

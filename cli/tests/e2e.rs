@@ -243,3 +243,81 @@ fn bad_input_is_refused_with_a_clear_message() {
     let list: Vec<serde_json::Value> = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
     assert!(list.is_empty(), "{list:?}");
 }
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(CALL_LIMIT)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_runs_the_api_on_loopback_only() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let refused = env.run(&["serve", "--listen", "0.0.0.0:0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("loopback"));
+
+    let mut server = env
+        .cmd(&["serve", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stop the server whatever happens below.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let server = Kill(server);
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let address = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .expect("the server prints its address")
+        .to_string();
+
+    let (status, body) = http(&address, "GET", "/v1/health", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("healthy"), "{body}");
+    let (status, body) = http(&address, "POST", "/v1/vms", r#"{"vmName":"via api"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("RUNNING"), "{body}");
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/vms/via%20api/cmd",
+        r#"{"cmd":"echo $((6*7))"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("42"), "{body}");
+    let (status, body) = http(&address, "GET", "/v1/vms/nope", "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (status, body) = http(&address, "DELETE", "/v1/vms/via%20api", "");
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+    assert!(env.qemu_pids().is_empty());
+}

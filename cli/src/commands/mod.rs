@@ -6,6 +6,7 @@ mod cp;
 mod exec;
 mod fs;
 mod lifecycle;
+mod serve;
 
 use anyhow::Context;
 use arrakis_runtime::{Manager, RuntimeConfig};
@@ -35,5 +36,6 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Verb::Pause { name } => lifecycle::show(manager.pause(&name).await?, json),
         Verb::Resume { name } => lifecycle::show(manager.resume(&name).await?, json),
         Verb::Destroy { name } => lifecycle::destroy(&manager, &name).await,
+        Verb::Serve(serve) => serve::serve(manager, serve).await,
     }
 }
