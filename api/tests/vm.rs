@@ -8,100 +8,19 @@
 //! the test fails; the test is bounded in time and runs at most two VMs.
 
 use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
-use arrakis_runtime::{Manager, RuntimeConfig};
+use arrakis_runtime::Manager;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 /// Upper bound of the test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(500);
 
-struct TestEnv {
-    config: RuntimeConfig,
-    _state: tempfile::TempDir,
-}
-
-impl TestEnv {
-    fn new() -> TestEnv {
-        let state = tempfile::Builder::new()
-            .prefix("arrakis-api-")
-            .tempdir()
-            .expect("temp dir");
-        let mut config = RuntimeConfig::from_env().expect("runtime config from the environment");
-        config.state_dir = state.path().join("state");
-        config.boot_timeout_secs = 120;
-        let image = config
-            .images_dir
-            .join(&config.default_image)
-            .join("rootfs.ext4");
-        let missing: Vec<String> = [
-            ("kernel", &config.kernel),
-            ("initramfs", &config.initramfs),
-            ("default image", &image),
-        ]
-        .iter()
-        .filter(|(_, path)| !path.is_file())
-        .map(|(what, path)| format!("{what} ({})", path.display()))
-        .collect();
-        assert!(
-            missing.is_empty(),
-            "VM test artifacts are missing: {}. Run scripts/setup (or set ARRAKIS_HOME) first.",
-            missing.join(", ")
-        );
-        TestEnv {
-            config,
-            _state: state,
-        }
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        for pid in pids_under(&self.config.state_dir.join("sandboxes")) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-/// Pids of live processes whose command line mentions `dir`.
-fn pids_under(dir: &Path) -> Vec<u32> {
-    let needle = format!("{}/", dir.display());
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|raw| String::from_utf8_lossy(&raw).contains(&needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
+use arrakis_runtime::testing::{pids_under, run_bounded, VmTestEnv as TestEnv};
 
 fn run<F: Future<Output = ()>>(body: F) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "arrakis_runtime=info,arrakis_api=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(TEST_TIMEOUT, body)
-                .await
-                .expect("test exceeded its time bound")
-        });
+    run_bounded(TEST_TIMEOUT, "arrakis_runtime=info,arrakis_api=info", body);
 }
 
 /// An HTTP client of the server under test.

@@ -23,6 +23,8 @@ mod process;
 pub mod sandbox;
 pub mod spec;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vmm;
 
 pub use accel::{Accel, AccelKind, HostFacts};

@@ -9,13 +9,13 @@
 //! fewer on a 2-core machine.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use arrakis_protocol::{Command, ErrorCode, ExecRequest, FileKind};
 use arrakis_runtime::{
-    AgentClient, AgentError, ErrorKind, ExecOptions, Manager, RuntimeConfig, RuntimeError,
-    SandboxSpec, SandboxState, WriteOptions,
+    AgentClient, AgentError, ErrorKind, ExecOptions, RuntimeError, SandboxSpec, SandboxState,
+    WriteOptions,
 };
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -23,104 +23,11 @@ use sha2::{Digest, Sha256};
 /// Upper bound of any one test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(400);
 
-/// A temporary state directory on the real artifacts, and the guard that
-/// kills its VMs.
-struct TestEnv {
-    config: RuntimeConfig,
-    _state: tempfile::TempDir,
-}
-
-impl TestEnv {
-    fn new() -> TestEnv {
-        let state = tempfile::Builder::new()
-            .prefix("arrakis-vm-")
-            .tempdir()
-            .expect("temp dir");
-        let mut config = RuntimeConfig::from_env().expect("runtime config from the environment");
-        config.state_dir = state.path().join("state");
-        config.boot_timeout_secs = 120;
-        let image = config
-            .images_dir
-            .join(&config.default_image)
-            .join("rootfs.ext4");
-        let missing: Vec<String> = [
-            ("kernel", &config.kernel),
-            ("initramfs", &config.initramfs),
-            ("default image", &image),
-        ]
-        .iter()
-        .filter(|(_, path)| !path.is_file())
-        .map(|(what, path)| format!("{what} ({})", path.display()))
-        .collect();
-        assert!(
-            missing.is_empty(),
-            "VM test artifacts are missing: {}. Run scripts/setup (or set ARRAKIS_HOME) first.",
-            missing.join(", ")
-        );
-        TestEnv {
-            config,
-            _state: state,
-        }
-    }
-
-    async fn manager(&self) -> Manager {
-        Manager::open(self.config.clone())
-            .await
-            .expect("open the manager")
-    }
-
-    fn sandboxes_dir(&self) -> PathBuf {
-        self.config.state_dir.join("sandboxes")
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        for pid in qemu_pids_under(&self.sandboxes_dir()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-/// Pids of live processes whose command line mentions `dir`.
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = format!("{}/", dir.display());
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|raw| String::from_utf8_lossy(&raw).contains(&needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
+use arrakis_runtime::testing::{pids_under as qemu_pids_under, run_bounded, VmTestEnv as TestEnv};
 
 /// Runs a test body on a multi-threaded runtime, bounded in time.
 fn run<F: Future<Output = ()>>(body: F) {
-    // Logs go to the test's captured output, shown when it fails.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "arrakis_runtime=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(TEST_TIMEOUT, body)
-                .await
-                .expect("test exceeded its time bound")
-        });
+    run_bounded(TEST_TIMEOUT, "arrakis_runtime=info", body);
 }
 
 fn shell(script: &str) -> ExecRequest {
