@@ -38,6 +38,11 @@ impl Qemu {
     }
 }
 
+/// Maps a failed QMP `command` to the backend's error.
+fn qmp_failed(command: &'static str) -> impl FnOnce(qmp::QmpError) -> VmmError {
+    move |source| VmmError::Qmp { command, source }
+}
+
 /// Escapes a value for a QEMU `-opt key=value,...` list (commas double).
 fn opt(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
@@ -251,38 +256,26 @@ impl Vmm for Qemu {
             Ok((_, state)) if state == "paused" => Ok(VmStatus::Paused),
             Ok((_, state)) => Ok(VmStatus::Other(state)),
             Err(_) if !self.is_alive(vm) => Ok(VmStatus::Exited),
-            Err(source) => Err(VmmError::Qmp {
-                command: "query-status",
-                source,
-            }),
+            Err(source) => Err(qmp_failed("query-status")(source)),
         }
     }
 
     async fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
         qmp::stop(&vm.dir.qmp_socket())
             .await
-            .map_err(|source| VmmError::Qmp {
-                command: "stop",
-                source,
-            })
+            .map_err(qmp_failed("stop"))
     }
 
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
         qmp::cont(&vm.dir.qmp_socket())
             .await
-            .map_err(|source| VmmError::Qmp {
-                command: "cont",
-                source,
-            })
+            .map_err(qmp_failed("cont"))
     }
 
     async fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
         qmp::quit(&vm.dir.qmp_socket())
             .await
-            .map_err(|source| VmmError::Qmp {
-                command: "quit",
-                source,
-            })
+            .map_err(qmp_failed("quit"))
     }
 
     async fn kill(&self, vm: &VmHandle) -> Result<(), VmmError> {
