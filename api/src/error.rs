@@ -47,6 +47,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::AlreadyExists | ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::FailedPrecondition => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -80,6 +81,7 @@ mod tests {
             (ErrorKind::Conflict, 409),
             (ErrorKind::PermissionDenied, 403),
             (ErrorKind::FailedPrecondition, 503),
+            (ErrorKind::ResourceExhausted, 429),
             (ErrorKind::Internal, 500),
         ];
         for (kind, status) in cases {

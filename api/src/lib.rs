@@ -8,23 +8,46 @@
 //! annotations that register the routes ([`openapi`]), so the two cannot
 //! drift apart.
 
+mod archive;
+pub mod config;
 pub mod error;
 mod extract;
+pub mod forward;
+pub mod metrics;
 pub mod openapi;
 mod routes;
 pub mod wire;
 
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
 use arrakis_runtime::Manager;
-use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, Uri};
+use axum::extract::{DefaultBodyLimit, MatchedPath};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
+use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
+use metrics::Metrics;
 
-/// Largest request body accepted (file uploads are JSON text).
+/// Largest JSON request body accepted (raw file and archive uploads
+/// stream and have no limit).
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The request id header, taken from the request when valid, else made up;
+/// always on the response and in the request's log lines.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// How the server is exposed.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// When set, every request but the health check must carry
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -32,47 +55,173 @@ pub(crate) struct AppState {
     manager: Manager,
     /// The OpenAPI document, serialized once.
     openapi: Bytes,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<str>>,
+    forwards: forward::Forwards,
 }
 
-/// Serves the API on `listener` until the process ends or accepting fails.
-pub async fn serve(listener: tokio::net::TcpListener, manager: Manager) -> std::io::Result<()> {
-    axum::serve(listener, router(manager)).await
+/// Serves the API on `listener` until `shutdown` resolves; requests in
+/// flight then finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    manager: Manager,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(manager, options))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Every route, under `/v1` and unprefixed, with JSON 404/405 replies for
 /// unknown paths and methods.
-pub fn router(manager: Manager) -> Router {
+pub fn router(manager: Manager, options: ServeOptions) -> Router {
     let openapi = openapi::document()
         .to_json()
         .map(Bytes::from)
         .unwrap_or_else(|e| Bytes::from(format!("{{\"error\":{{\"message\":\"{e}\"}}}}")));
-    let state = AppState { manager, openapi };
+    let state = AppState {
+        manager,
+        openapi,
+        metrics: Arc::new(Metrics::default()),
+        token: options.token.map(Arc::from),
+        forwards: forward::Forwards::new(),
+    };
     let (v1, _) = OpenApiRouter::new()
         .nest("/v1", routes::all())
         .split_for_parts();
     let (bare, _) = routes::all().split_for_parts();
     v1.merge(bare)
+        .route_layer(axum::middleware::from_fn(remember_route))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
         .with_state(state)
 }
 
-/// One log line per request: method, path, status and duration.
-async fn log_request(
+/// The matched route template, carried on the response for the outer
+/// layers (which run before routing and cannot see it otherwise).
+#[derive(Clone)]
+struct Route(MatchedPath);
+
+async fn remember_route(
+    route: Option<MatchedPath>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
-) -> axum::response::Response {
+) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(Route(route));
+    }
+    response
+}
+
+/// Request id, one log line and the metrics of every request.
+async fn request_context(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        request.headers_mut().insert(REQUEST_ID, value);
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let route = response
+        .extensions()
+        .get::<Route>()
+        .map_or("unmatched", |r| r.0.as_str())
+        .to_string();
+    state
+        .metrics
+        .request(method.as_str(), &route, status, elapsed);
+    let elapsed_ms = elapsed.as_millis() as u64;
     // Server errors also log their message where they are rendered.
-    tracing::info!(%method, %path, status, elapsed_ms, "request");
+    span.in_scope(|| tracing::info!(%method, %path, %route, status, elapsed_ms, "request"));
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     response
+}
+
+/// 1 to 128 characters of `[A-Za-z0-9._:-]`: safe to log and echo.
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn new_request_id() -> String {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{random:016x}")
+}
+
+/// With a token configured, every request but the health check needs
+/// `Authorization: Bearer <token>`.
+async fn authorize(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    if path == "/health" || path == "/v1/health" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => unauthorized("the API token is wrong"),
+        None => unauthorized("this server needs an API token: send Authorization: Bearer <token>"),
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Compares without an early exit, so timing does not tell how much of a
+/// guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Message prefix of the 404 for a path no route serves.
@@ -109,7 +258,7 @@ mod tests {
         let manager = Manager::open(RuntimeConfig::with_home(home.path()))
             .await
             .expect("open a manager on an empty state dir");
-        (router(manager), home)
+        (router(manager, ServeOptions::default()), home)
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {
@@ -123,8 +272,14 @@ mod tests {
         let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
             .await
             .unwrap();
-        let json = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("{method} {uri}: body is not JSON ({e}): {bytes:?}"));
+        // Only /metrics answers text; its body is returned as a JSON string.
+        let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            assert!(
+                uri.ends_with("/metrics"),
+                "{method} {uri}: body is not JSON ({e}): {bytes:?}"
+            );
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
         (status, json)
     }
 
@@ -149,17 +304,31 @@ mod tests {
         let doc = openapi::document();
         let expected = [
             "/v1/health",
+            "/v1/metrics",
             "/v1/openapi.json",
+            "/v1/snapshots",
+            "/v1/snapshots/{id}",
             "/v1/vms",
             "/v1/vms/{name}",
             "/v1/vms/{name}/cmd",
+            "/v1/vms/{name}/exec",
+            "/v1/vms/{name}/exec/ws",
             "/v1/vms/{name}/files",
+            "/v1/vms/{name}/fs/archive",
+            "/v1/vms/{name}/fs/chmod",
+            "/v1/vms/{name}/fs/file",
+            "/v1/vms/{name}/fs/list",
+            "/v1/vms/{name}/fs/mkdir",
+            "/v1/vms/{name}/fs/stat",
+            "/v1/vms/{name}/snapshots",
         ];
         let mut documented: Vec<&str> = doc.paths.paths.keys().map(String::as_str).collect();
         documented.sort_unstable();
         assert_eq!(documented, expected);
         for (path, item) in &doc.paths.paths {
-            let concrete = path.replace("{name}", "no-such-vm");
+            let concrete = path
+                .replace("{name}", "no-such-vm")
+                .replace("{id}", "no-such-snapshot");
             let bare = concrete
                 .strip_prefix("/v1")
                 .expect("every path is under /v1");
@@ -190,11 +359,29 @@ mod tests {
                 }
             }
         }
-        for uri in ["/v1/vms/a/snapshots", "/v1/vms/", "/v2/health", "/v1"] {
+        for uri in ["/v1/vms/a/snapshot", "/v1/vms/", "/v2/health", "/v1"] {
             let (status, json) = call(&app, "GET", uri, "").await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
             assert!(message(&json).starts_with(NO_ROUTE), "{uri}: {json}");
         }
+    }
+
+    #[test]
+    fn operation_ids_are_unique() {
+        let doc = openapi::document();
+        let mut ids = Vec::new();
+        for item in doc.paths.paths.values() {
+            for op in [&item.get, &item.post, &item.put, &item.patch, &item.delete]
+                .into_iter()
+                .flatten()
+            {
+                ids.push(op.operation_id.clone().expect("every operation has an id"));
+            }
+        }
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
     }
 
     #[tokio::test]
@@ -294,8 +481,8 @@ mod tests {
                 "POST",
                 "/v1/vms",
                 r#"{"vmName":"a","snapshotId":"s"}"#,
-                501,
-                "later issue",
+                404,
+                "no snapshot",
             ),
             (
                 "POST",
@@ -319,5 +506,105 @@ mod tests {
             (status, json),
             (StatusCode::OK, serde_json::json!({"success": true}))
         );
+    }
+
+    async fn send(app: &Router, request: Request<Body>) -> axum::response::Response {
+        app.clone().oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_guards_everything_but_health() {
+        let home = tempfile::tempdir().unwrap();
+        let manager = Manager::open(RuntimeConfig::with_home(home.path()))
+            .await
+            .unwrap();
+        let token = "0123456789abcdef0123";
+        let app = router(
+            manager,
+            ServeOptions {
+                token: Some(token.to_string()),
+            },
+        );
+        let get = |uri: &str, auth: Option<&str>| {
+            let mut builder = Request::builder().uri(uri);
+            if let Some(auth) = auth {
+                builder = builder.header("authorization", auth);
+            }
+            builder.body(Body::empty()).unwrap()
+        };
+        for uri in ["/v1/health", "/health"] {
+            assert_eq!(send(&app, get(uri, None)).await.status(), StatusCode::OK);
+        }
+        for (auth, hint) in [
+            (None, "needs an API token"),
+            (Some("Bearer nope"), "wrong"),
+            (Some(token), "needs an API token"),
+        ] {
+            let response = send(&app, get("/v1/vms", auth)).await;
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let json: Value = serde_json::from_slice(&body).unwrap();
+            assert!(message(&json).contains(hint), "{auth:?}: {json}");
+        }
+        let bearer = format!("Bearer {token}");
+        let response = send(&app, get("/v1/vms", Some(&bearer))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        // Unknown paths are hidden behind the token too.
+        let response = send(&app, get("/v1/nothing", None)).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_kept_or_made() {
+        let (app, _home) = app().await;
+        let response = send(
+            &app,
+            Request::builder()
+                .uri("/v1/health")
+                .header(REQUEST_ID, "client-id.1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.headers()[REQUEST_ID], "client-id.1");
+        for bad in ["has space", "x\u{7f}", ""] {
+            let Ok(value) = axum::http::HeaderValue::from_str(bad) else {
+                continue;
+            };
+            let response = send(
+                &app,
+                Request::builder()
+                    .uri("/v1/nothing")
+                    .header(REQUEST_ID, value)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+            let made = response.headers()[REQUEST_ID].to_str().unwrap();
+            assert_eq!(made.len(), 16, "{bad:?} -> {made}");
+            assert!(made.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+    }
+
+    #[tokio::test]
+    async fn metrics_count_requests_by_route() {
+        let (app, _home) = app().await;
+        for _ in 0..3 {
+            call(&app, "GET", "/v1/vms/some%20vm", "").await;
+        }
+        let (status, text) = call(&app, "GET", "/metrics", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let text = text.as_str().unwrap();
+        assert!(
+            text.contains(
+                "arrakis_http_requests_total{method=\"GET\",route=\"/v1/vms/{name}\",status=\"404\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE arrakis_sandboxes gauge"));
+        assert!(text.contains("arrakis_http_request_duration_seconds_count{method=\"GET\",route=\"/v1/vms/{name}\"} 3"));
     }
 }

@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::wire::exec::{OutputChunk, WsMessage};
 use crate::wire::ErrorBody;
 use crate::AppState;
 
@@ -20,7 +21,7 @@ use crate::AppState;
                        of the original Arrakis (py-arrakis 2.0.0). Every path is also served \
                        without the /v1 prefix. Errors are {\"error\":{\"message\":\"...\"}}."
     ),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody, WsMessage, OutputChunk))
 )]
 struct ApiDoc;
 

@@ -33,7 +33,13 @@ impl Api {
     async fn start(manager: Manager) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(arrakis_api::serve(listener, manager));
+        let options = arrakis_api::ServeOptions::default();
+        tokio::spawn(arrakis_api::serve(
+            listener,
+            manager,
+            options,
+            std::future::pending(),
+        ));
         Api {
             base,
             http: reqwest::Client::new(),
@@ -119,13 +125,23 @@ fn py_arrakis_flow_over_http() {
 
         // Start: the reply is the VM object, and commands run right away.
         let vm = api
-            .ok(Method::POST, "/v1/vms", Some(json!({"vmName": NAME})))
+            .ok(
+                Method::POST,
+                "/v1/vms",
+                Some(json!({"vmName": NAME, "env": {"GREETING": "hi there"}, "memoryMb": 384})),
+            )
             .await;
-        assert_eq!(
-            vm,
-            json!({"vmName": NAME, "status": "RUNNING", "ip": "", "tapDeviceName": "",
-                   "portForwards": []})
-        );
+        for (key, value) in [
+            ("vmName", json!(NAME)),
+            ("status", json!("RUNNING")),
+            ("ip", json!("")),
+            ("tapDeviceName", json!("")),
+            ("portForwards", json!([])),
+            ("memoryMb", json!(384)),
+            ("image", json!("default")),
+        ] {
+            assert_eq!(vm[key], value, "{key} in {vm}");
+        }
         let vm_path = format!("/v1/vms/{PATH_NAME}");
         assert_eq!(api.ok(Method::GET, &vm_path, None).await, vm);
         assert_eq!(
@@ -136,6 +152,7 @@ fn py_arrakis_flow_over_http() {
 
         commands(&api).await;
         files(&api).await;
+        beyond_the_original(&api, &format!("/v1/vms/{PATH_NAME}")).await;
 
         // Pause and resume.
         let paused = json!({"status": "paused"});
@@ -354,4 +371,212 @@ async fn files(api: &Api) {
         )
         .await;
     assert!(no_files.contains("files"), "{no_files}");
+}
+
+/// Exec with exit codes, env and streaming; raw and tar file transfer;
+/// list and stat; metrics.
+async fn beyond_the_original(api: &Api, vm: &str) {
+    let reply = api
+        .ok(
+            Method::POST,
+            &format!("{vm}/exec"),
+            Some(
+                json!({"argv": ["sh", "-c", "echo $GREETING $MINE; echo oops >&2; exit 3"],
+                        "env": {"MINE": "mine"}}),
+            ),
+        )
+        .await;
+    assert_eq!(reply["exitCode"], 3, "{reply}");
+    assert_eq!(reply["stdout"], "hi there mine\n");
+    assert_eq!(reply["stderr"], "oops\n");
+    // `cmd` runs with the sandbox's env too.
+    assert_eq!(api.cmd(PATH_NAME, "echo $GREETING").await.0, "hi there\n");
+
+    // Streaming: the first line arrives while the command still runs.
+    let started = std::time::Instant::now();
+    let mut response = api
+        .http
+        .post(format!("{}{vm}/exec", api.base))
+        .header("accept", "text/event-stream")
+        .json(&json!({"shell": "echo one; sleep 2; echo two"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut first_at = None;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if first_at.is_none() && text.contains("one") {
+            first_at = Some(started.elapsed());
+        }
+    }
+    let total = started.elapsed();
+    let first_at = first_at.unwrap_or_else(|| panic!("no first line in {text:?}"));
+    assert!(
+        total - first_at >= Duration::from_millis(1500),
+        "the first line came at {first_at:?}, the end at {total:?}: not streamed"
+    );
+    assert!(
+        text.contains("event: stdout\ndata: {\"data\":\"one\\n\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("event: exit\ndata: {\"exitCode\":0,"),
+        "{text}"
+    );
+
+    // Raw bytes up and down, with every byte value.
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let written = api
+        .http
+        .put(format!(
+            "{}{vm}/fs/file?path=bin/all.bin&mode=600",
+            api.base
+        ))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), StatusCode::OK);
+    let back = api
+        .http
+        .get(format!(
+            "{}{vm}/fs/file?path=/tmp/server_files/bin/all.bin",
+            api.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(back.status(), StatusCode::OK);
+    assert_eq!(back.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    let stat = api
+        .ok(Method::GET, &format!("{vm}/fs/stat?path=bin/all.bin"), None)
+        .await;
+    assert_eq!(
+        (
+            stat["name"].clone(),
+            stat["size"].clone(),
+            stat["mode"].clone()
+        ),
+        (json!("all.bin"), json!(300_000), json!("600"))
+    );
+    api.fails(Method::GET, &format!("{vm}/fs/stat?path=nope"), None, 404)
+        .await;
+
+    // A directory as tar: down, then up somewhere else, then listed.
+    api.cmd(
+        PATH_NAME,
+        "mkdir -p tree/sub && echo a > tree/a && ln -s a tree/l && cp bin/all.bin tree/sub/",
+    )
+    .await;
+    let tar = api
+        .http
+        .get(format!("{}{vm}/fs/archive?path=tree", api.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let copied = api
+        .http
+        .put(format!("{}{vm}/fs/archive?path=/tmp/copy", api.base))
+        .body(tar)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(copied["entries"], 4, "{copied}");
+    let (out, err) = api
+        .cmd(
+            PATH_NAME,
+            "cd /tmp/copy && readlink l && cat a && cmp sub/all.bin /tmp/server_files/bin/all.bin && echo same",
+        )
+        .await;
+    assert_eq!((out.as_str(), err.as_str()), ("a\na\nsame\n", ""));
+    let listing = api
+        .ok(Method::GET, &format!("{vm}/fs/list?path=/tmp/copy"), None)
+        .await;
+    let kinds: Vec<(&str, &str)> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("a", "file"), ("l", "symlink"), ("sub", "dir")]);
+    let bad = api
+        .http
+        .put(format!("{}{vm}/fs/archive?path=/tmp/bad", api.base))
+        .body(vec![7u8; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    port_forwards(api).await;
+
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("arrakis_sandboxes{state=\"running\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("arrakis_operation_duration_seconds_count{operation=\"boot\"} 2"));
+}
+
+/// A VM created with a port forward: the host's loopback port reaches a
+/// server in the guest; destroying the VM frees the port.
+async fn port_forwards(api: &Api) {
+    let vm = api
+        .ok(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"vmName": "fwd", "portForwards": [{"guestPort": 8000, "description": "web"}]})),
+        )
+        .await;
+    let forwards = vm["portForwards"].as_array().unwrap().clone();
+    assert_eq!(forwards.len(), 1, "{vm}");
+    assert_eq!(forwards[0]["guestPort"], "8000");
+    assert_eq!(forwards[0]["description"], "web");
+    let host_port: u16 = forwards[0]["hostPort"].as_str().unwrap().parse().unwrap();
+    assert_ne!(host_port, 0);
+    assert_eq!(
+        api.ok(Method::GET, "/v1/vms/fwd", None).await["portForwards"],
+        json!(forwards)
+    );
+    api.ok(
+        Method::POST,
+        "/v1/vms/fwd/exec",
+        Some(
+            json!({"shell": "mkdir -p /srv && echo served-from-guest > /srv/index.html && \
+            (cd /srv && setsid python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &)"}),
+        ),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{host_port}/index.html");
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(reply) = reqwest::get(&url).await {
+            if reply.status().is_success() {
+                body = reply.text().await.unwrap();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body, "served-from-guest\n");
+    api.ok(Method::DELETE, "/v1/vms/fwd", None).await;
+    // The listener is gone with the VM: the port can be bound again.
+    std::net::TcpListener::bind(("127.0.0.1", host_port)).expect("the port is free again");
 }

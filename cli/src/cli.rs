@@ -1,4 +1,10 @@
 //! Command-line grammar.
+//!
+//! Every verb runs either in-process on this machine's sandboxes (the
+//! default) or against an arrakis server (`--server URL`). The verbs of the
+//! original Go `arrakis-client` are here with its flags (`start -n NAME`,
+//! `run -n NAME -c CMD`, `upload -n NAME -f SRC -f DST`, ...); where a verb
+//! also takes the sandbox name as a word (`start NAME`), both forms work.
 
 use std::path::PathBuf;
 
@@ -7,11 +13,37 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "arrakis", version, about = "MicroVM sandboxes for AI agents")]
 pub struct Args {
-    /// State directory (database and per-sandbox files).
-    #[arg(long, global = true, env = "ARRAKIS_STATE_DIR")]
+    /// State directory (database and per-sandbox files) of the sandboxes
+    /// run in this process; not used with --server.
+    #[arg(
+        long,
+        global = true,
+        env = "ARRAKIS_STATE_DIR",
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
+    /// Talk to the arrakis server at this URL (e.g. http://127.0.0.1:7000)
+    /// instead of running sandboxes in this process.
+    #[arg(
+        long,
+        global = true,
+        env = "ARRAKIS_SERVER",
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
+    pub server: Option<String>,
+    /// API token for --server, sent as `Authorization: Bearer TOKEN`.
+    #[arg(
+        long,
+        global = true,
+        env = "ARRAKIS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = "Global options"
+    )]
+    pub token: Option<String>,
     /// Print machine-readable JSON instead of tables.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     #[command(subcommand)]
     pub command: Verb,
@@ -21,42 +53,98 @@ pub struct Args {
 pub enum Verb {
     /// Create and boot a sandbox; returns once it can run commands.
     Create(CreateArgs),
-    /// Create a sandbox, run one command in it, and (with --rm) destroy it.
+    /// Create a sandbox and run one command in it (with --rm, destroy it
+    /// afterwards); with -n NAME -c CMD, run CMD in the existing sandbox.
     Run(RunArgs),
     /// Run a command in a running sandbox; exits with the command's status.
     Exec(ExecArgs),
-    /// Copy files: `arrakis cp LOCAL NAME:PATH` or `arrakis cp NAME:PATH LOCAL`.
+    /// Copy files and directories: `arrakis cp LOCAL NAME:PATH` or
+    /// `arrakis cp NAME:PATH LOCAL`.
     Cp(CpArgs),
+    /// Upload local files: `-f SRC -f DST` (or `-f SRC,DST`), repeatable.
+    Upload(UploadArgs),
+    /// Download sandbox files into the current directory.
+    Download(DownloadArgs),
     /// File operations inside a sandbox.
     #[command(subcommand)]
     Fs(FsVerb),
-    /// List sandboxes.
-    List,
+    /// List sandboxes (or show one with -n NAME).
+    List(ListArgs),
+    /// List all sandboxes.
+    ListAll,
     /// Show one sandbox.
-    Get { name: String },
-    /// Boot a stopped (or crashed) sandbox again.
-    Start { name: String },
+    #[command(visible_alias = "info")]
+    Get(NameArg),
+    /// Start a sandbox: create it if it does not exist, boot it again if it
+    /// is stopped; with -s ID, restore a snapshot under this name.
+    Start(StartArgs),
     /// Shut a sandbox's guest down; its disk is kept.
-    Stop { name: String },
+    Stop(NameArg),
     /// Freeze a sandbox's vCPUs.
-    Pause { name: String },
+    Pause(NameArg),
     /// Unfreeze a paused sandbox.
-    Resume { name: String },
+    Resume(NameArg),
     /// Remove a sandbox and everything it owns.
-    Destroy { name: String },
+    Destroy(NameArg),
+    /// Remove every sandbox.
+    DestroyAll,
+    /// Snapshot a sandbox's memory and disk.
+    Snapshot(SnapshotArgs),
+    /// Restore a snapshot as a new sandbox.
+    Restore(RestoreArgs),
+    /// List, show and delete snapshots.
+    Snapshots(SnapshotsArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run the sandbox daemon with its HTTP API (py-arrakis compatible).
     Serve(ServeArgs),
 }
 
 #[derive(Debug, ClapArgs)]
 pub struct ServeArgs {
-    /// Address to listen on. Only loopback addresses are accepted until API
-    /// tokens exist; port 0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:7000")]
-    pub listen: std::net::SocketAddr,
+    /// Address to listen on (default 127.0.0.1:7000, or the config file's);
+    /// port 0 picks a free port. Off loopback, an API token is required
+    /// unless --allow-unauthenticated.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// TOML configuration file with [server] and [runtime] sections.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// File whose first line is the API token clients must send as
+    /// `Authorization: Bearer`. Also from ARRAKIS_API_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve a non-loopback address without a token.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
 }
 
+/// A sandbox name, as a word (`stop NAME`) or as the original client's
+/// flag (`stop -n NAME`).
 #[derive(Debug, Clone, ClapArgs)]
+#[group(required = true, multiple = false)]
+pub struct NameArg {
+    /// The sandbox.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// The sandbox (the same as NAME).
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    name_flag: Option<String>,
+}
+
+impl NameArg {
+    pub fn get(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.name_flag.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Default, ClapArgs)]
 pub struct SizeArgs {
     /// Virtual CPUs.
     #[arg(long)]
@@ -69,14 +157,46 @@ pub struct SizeArgs {
     pub image: Option<String>,
 }
 
+impl SizeArgs {
+    pub fn is_set(&self) -> bool {
+        self.vcpus.is_some() || self.memory_mb.is_some() || self.image.is_some()
+    }
+}
+
 #[derive(Debug, ClapArgs)]
 pub struct CreateArgs {
     pub name: String,
     #[command(flatten)]
     pub size: SizeArgs,
+    /// Environment of every command run in the sandbox, KEY=VALUE
+    /// (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
 }
 
-#[derive(Debug, Clone, ClapArgs)]
+#[derive(Debug, ClapArgs)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Restore this snapshot under NAME instead.
+    #[arg(short = 's', long = "snapshot", value_name = "ID")]
+    pub snapshot: Option<String>,
+    /// Not supported: sandboxes boot the configured kernel.
+    #[arg(short = 'k', long, value_name = "PATH")]
+    pub kernel: Option<String>,
+    /// Not supported: sandboxes boot the configured root file system.
+    #[arg(short = 'r', long, value_name = "PATH")]
+    pub rootfs: Option<String>,
+    /// Not supported: the guest agent is PID 1.
+    #[arg(short = 'e', long = "entry-point", value_name = "PATH")]
+    pub entry_point: Option<String>,
+    /// Sizes of a sandbox created by this call.
+    #[command(flatten)]
+    pub size: SizeArgs,
+}
+
+/// How a command runs (shared by exec and run).
+#[derive(Debug, Clone, Default, ClapArgs)]
 pub struct CommandArgs {
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
@@ -96,30 +216,49 @@ pub struct CommandArgs {
     /// Run the words as one shell command line (`bash -c`).
     #[arg(long)]
     pub shell: bool,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-    pub command: Vec<String>,
 }
 
 #[derive(Debug, ClapArgs)]
 pub struct ExecArgs {
     pub name: String,
     #[command(flatten)]
-    pub command: CommandArgs,
+    pub options: CommandArgs,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, ClapArgs)]
 pub struct RunArgs {
-    /// Sandbox name (default: a generated one).
-    #[arg(long)]
+    /// Sandbox name (default: a generated one); with -c, the existing
+    /// sandbox to run in.
+    #[arg(short = 'n', long)]
     pub name: Option<String>,
+    /// Run this shell command line in the existing sandbox -n NAME and
+    /// print its output (stdout and stderr together), as the original
+    /// client did.
+    #[arg(
+        short = 'c',
+        long = "cmd",
+        value_name = "CMD",
+        requires = "name",
+        conflicts_with_all = ["rm", "command", "shell", "vcpus", "memory_mb", "image"]
+    )]
+    pub cmd: Option<String>,
     /// Destroy the sandbox when the command ends.
     #[arg(long)]
     pub rm: bool,
     #[command(flatten)]
     pub size: SizeArgs,
     #[command(flatten)]
-    pub command: CommandArgs,
+    pub options: CommandArgs,
+    /// The command and its arguments.
+    #[arg(
+        required_unless_present = "cmd",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -129,6 +268,105 @@ pub struct CpArgs {
     /// Permission bits of an uploaded file, in octal.
     #[arg(long, value_parser = parse_mode)]
     pub mode: Option<u32>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Alternately a local source and its sandbox destination:
+    /// `-f SRC -f DST` or `-f SRC,DST` (repeatable).
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "PATH",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// A sandbox path to download (repeatable, or comma separated). A
+    /// relative path lands at the same relative path here; an absolute one
+    /// under its file name in the current directory.
+    #[arg(
+        short = 'p',
+        long = "path",
+        value_name = "PATH",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ListArgs {
+    /// Show only this sandbox.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// Show only this sandbox (the same as NAME).
+    #[arg(
+        short = 'n',
+        long = "name",
+        value_name = "NAME",
+        conflicts_with = "name"
+    )]
+    name_flag: Option<String>,
+}
+
+impl ListArgs {
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.name_flag.as_deref())
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Snapshot id (default: generated by the server).
+    #[arg(short = 'i', long = "id", value_name = "ID")]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct RestoreArgs {
+    /// Name of the restored sandbox.
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The snapshot to restore.
+    #[arg(short = 'i', long = "id", value_name = "ID", required = true)]
+    pub id: String,
+}
+
+#[derive(Debug, ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotsArgs {
+    #[command(subcommand)]
+    pub action: Option<SnapshotsVerb>,
+    /// Only the snapshots of this sandbox.
+    #[arg(long = "vm", value_name = "NAME")]
+    pub vm: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotsVerb {
+    /// List snapshots (the default).
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only the snapshots of this sandbox.
+        #[arg(long = "vm", value_name = "NAME")]
+        vm: Option<String>,
+    },
+    /// Show one snapshot.
+    Get { id: String },
+    /// Delete a snapshot.
+    #[command(visible_alias = "delete")]
+    Rm { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +411,21 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
 
+    fn parse(words: &[&str]) -> Args {
+        let mut argv = vec!["arrakis"];
+        argv.extend_from_slice(words);
+        Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{words:?}: {e}"))
+    }
+
+    fn refused(words: &[&str]) -> String {
+        let mut argv = vec!["arrakis"];
+        argv.extend_from_slice(words);
+        match Args::try_parse_from(argv) {
+            Ok(args) => panic!("{words:?} parsed: {args:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn grammar_is_consistent() {
         use clap::CommandFactory;
@@ -181,12 +434,12 @@ mod tests {
 
     #[test]
     fn exec_keeps_hyphenated_command_words() {
-        let args = Args::parse_from(["arrakis", "exec", "box", "--", "ls", "-la", "/"]);
+        let args = parse(&["exec", "box", "--", "ls", "-la", "/"]);
         let Verb::Exec(exec) = args.command else {
             panic!("not exec")
         };
         assert_eq!(exec.name, "box");
-        assert_eq!(exec.command.command, ["ls", "-la", "/"]);
+        assert_eq!(exec.command, ["ls", "-la", "/"]);
     }
 
     #[test]
@@ -194,5 +447,201 @@ mod tests {
         assert_eq!(parse_mode("755"), Ok(0o755));
         assert!(parse_mode("8").is_err());
         assert!(parse_mode("17777").is_err());
+    }
+
+    /// `VERB NAME` and `VERB -n NAME` (and `--name NAME`) name the same
+    /// sandbox; giving both or neither is refused.
+    #[test]
+    fn name_verbs_take_a_word_or_the_flag() {
+        fn name_of(args: Args) -> String {
+            match args.command {
+                Verb::Get(n)
+                | Verb::Stop(n)
+                | Verb::Pause(n)
+                | Verb::Resume(n)
+                | Verb::Destroy(n) => n.get().to_string(),
+                Verb::Start(start) => start.name.get().to_string(),
+                Verb::Snapshot(s) => s.name.get().to_string(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for verb in [
+            "get", "info", "stop", "pause", "resume", "destroy", "start", "snapshot",
+        ] {
+            assert_eq!(name_of(parse(&[verb, "my box"])), "my box", "{verb}");
+            assert_eq!(name_of(parse(&[verb, "-n", "my box"])), "my box", "{verb}");
+            assert_eq!(name_of(parse(&[verb, "--name", "é"])), "é", "{verb}");
+            refused(&[verb]);
+            refused(&[verb, "a", "-n", "b"]);
+        }
+    }
+
+    #[test]
+    fn original_start_flags() {
+        let Verb::Start(start) = parse(&["start", "-n", "a", "-s", "snap-1"]).command else {
+            panic!()
+        };
+        assert_eq!(start.name.get(), "a");
+        assert_eq!(start.snapshot.as_deref(), Some("snap-1"));
+        let Verb::Start(start) = parse(&[
+            "start",
+            "-n",
+            "a",
+            "-k",
+            "/k",
+            "-r",
+            "/r",
+            "-e",
+            "/sbin/init",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(start.kernel.as_deref(), Some("/k"));
+        assert_eq!(start.rootfs.as_deref(), Some("/r"));
+        assert_eq!(start.entry_point.as_deref(), Some("/sbin/init"));
+        let Verb::Start(start) = parse(&["start", "b", "--vcpus", "2", "--memory", "512"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(start.size.vcpus, Some(2));
+        assert_eq!(start.size.memory_mb, Some(512));
+    }
+
+    #[test]
+    fn original_list_destroy_all_snapshot_restore() {
+        assert!(matches!(parse(&["list-all"]).command, Verb::ListAll));
+        assert!(matches!(parse(&["destroy-all"]).command, Verb::DestroyAll));
+        let Verb::List(list) = parse(&["list", "-n", "a"]).command else {
+            panic!()
+        };
+        assert_eq!(list.name(), Some("a"));
+        let Verb::List(list) = parse(&["list", "a"]).command else {
+            panic!()
+        };
+        assert_eq!(list.name(), Some("a"));
+        let Verb::List(list) = parse(&["list"]).command else {
+            panic!()
+        };
+        assert_eq!(list.name(), None);
+
+        let Verb::Snapshot(snap) = parse(&["snapshot", "-n", "a", "-i", "s1"]).command else {
+            panic!()
+        };
+        assert_eq!((snap.name.get(), snap.id.as_deref()), ("a", Some("s1")));
+        let Verb::Snapshot(snap) = parse(&["snapshot", "-n", "a"]).command else {
+            panic!()
+        };
+        assert_eq!(snap.id, None);
+
+        let Verb::Restore(restore) = parse(&["restore", "-n", "b", "-i", "s1"]).command else {
+            panic!()
+        };
+        assert_eq!((restore.name.get(), restore.id.as_str()), ("b", "s1"));
+        let Verb::Restore(restore) = parse(&["restore", "b", "--id", "s1"]).command else {
+            panic!()
+        };
+        assert_eq!(restore.name.get(), "b");
+        refused(&["restore", "-n", "b"]);
+    }
+
+    #[test]
+    fn run_has_both_meanings() {
+        // The original: a command line in an existing sandbox.
+        let Verb::Run(run) = parse(&["run", "-n", "a", "-c", "echo hi; exit 3"]).command else {
+            panic!()
+        };
+        assert_eq!(run.name.as_deref(), Some("a"));
+        assert_eq!(run.cmd.as_deref(), Some("echo hi; exit 3"));
+        assert!(run.command.is_empty());
+        let Verb::Run(run) = parse(&["run", "--name", "a", "--cmd", "true"]).command else {
+            panic!()
+        };
+        assert_eq!(run.cmd.as_deref(), Some("true"));
+        // Today's: create a sandbox and run the words.
+        let Verb::Run(run) = parse(&["run", "--rm", "--", "uname", "-a"]).command else {
+            panic!()
+        };
+        assert!(run.rm && run.cmd.is_none());
+        assert_eq!(run.command, ["uname", "-a"]);
+        let Verb::Run(run) = parse(&["run", "-n", "x", "--memory", "256", "true"]).command else {
+            panic!()
+        };
+        assert_eq!(run.name.as_deref(), Some("x"));
+        assert_eq!(run.size.memory_mb, Some(256));
+        // -c needs -n and excludes what only a new sandbox has.
+        refused(&["run", "-c", "true"]);
+        refused(&["run", "-n", "a", "-c", "true", "--rm"]);
+        refused(&["run", "-n", "a", "-c", "true", "--", "ls"]);
+        refused(&["run", "-n", "a", "-c", "true", "--vcpus", "2"]);
+        refused(&["run", "--rm"]);
+    }
+
+    #[test]
+    fn upload_and_download_take_repeated_or_comma_lists() {
+        let Verb::Upload(up) =
+            parse(&["upload", "-n", "a", "-f", "x.txt", "-f", "/tmp/x.txt"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(up.name.get(), "a");
+        assert_eq!(up.files, ["x.txt", "/tmp/x.txt"]);
+        let Verb::Upload(up) = parse(&["upload", "a", "-f", "x,/tmp/x", "-f", "y,/tmp/y"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(up.files, ["x", "/tmp/x", "y", "/tmp/y"]);
+        refused(&["upload", "-n", "a"]);
+
+        let Verb::Download(down) = parse(&["download", "-n", "a", "-p", "/etc/hostname"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(down.name.get(), "a");
+        assert_eq!(down.paths, ["/etc/hostname"]);
+        let Verb::Download(down) = parse(&["download", "a", "-p", "x,y", "--path", "z"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(down.paths, ["x", "y", "z"]);
+        refused(&["download", "-n", "a"]);
+    }
+
+    #[test]
+    fn snapshots_and_completions() {
+        let Verb::Snapshots(s) = parse(&["snapshots"]).command else {
+            panic!()
+        };
+        assert!(s.action.is_none() && s.vm.is_none());
+        let Verb::Snapshots(s) = parse(&["snapshots", "--vm", "a"]).command else {
+            panic!()
+        };
+        assert_eq!(s.vm.as_deref(), Some("a"));
+        let Verb::Snapshots(s) = parse(&["snapshots", "get", "s1"]).command else {
+            panic!()
+        };
+        assert!(matches!(s.action, Some(SnapshotsVerb::Get { id }) if id == "s1"));
+        let Verb::Snapshots(s) = parse(&["snapshots", "rm", "s1"]).command else {
+            panic!()
+        };
+        assert!(matches!(s.action, Some(SnapshotsVerb::Rm { id }) if id == "s1"));
+        for shell in ["bash", "zsh", "fish"] {
+            assert!(matches!(
+                parse(&["completions", shell]).command,
+                Verb::Completions { .. }
+            ));
+        }
+        refused(&["completions", "cmd.exe"]);
+    }
+
+    #[test]
+    fn server_and_token_are_global() {
+        let args = parse(&["list-all", "--server", "http://h:1", "--token", "t"]);
+        assert_eq!(args.server.as_deref(), Some("http://h:1"));
+        assert_eq!(args.token.as_deref(), Some("t"));
+        let args = parse(&["--server", "h:1", "--json", "list"]);
+        assert_eq!(args.server.as_deref(), Some("h:1"));
+        assert!(args.json);
     }
 }

@@ -1,11 +1,15 @@
-//! `arrakis`: create sandboxes and run commands in them.
+//! `arrakis`: create sandboxes and run commands in them, on this machine or
+//! through an arrakis server (`--server URL`).
 //!
-//! Thin wiring: argument parsing lives in [`cli`], one module per verb in
-//! [`commands`]; all the work is done by the runtime library.
+//! Thin wiring: argument parsing lives in [`cli`], one module per group of
+//! verbs in [`commands`], written once against [`backend::Backend`]; the
+//! work is done by the runtime library or the server.
 
+mod backend;
 mod cli;
 mod commands;
 mod output;
+mod tarball;
 
 use clap::Parser;
 
@@ -23,7 +27,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(70);
         }
     };
-    match runtime.block_on(commands::run(args)) {
+    let result = runtime.block_on(commands::run(args));
+    // A blocking read of a terminal's stdin (exec -i) must not keep the
+    // process alive once the command is over.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(error) => {
             eprintln!("arrakis: {}", output::error_chain(&error));

@@ -1,42 +1,300 @@
-//! How results are shown: tables for people, JSON with `--json`.
+//! How results are shown: aligned tables for people, the API's JSON objects
+//! with `--json` (the same in both modes).
 
-use arrakis_runtime::SandboxInfo;
+use arrakis_api::wire::fs::{Entry, EntryKind};
+use arrakis_api::wire::snapshots::Snapshot;
+use arrakis_api::wire::{Vm, VmStatus};
+use serde::Serialize;
 
 /// The error and all its causes on one line.
 pub fn error_chain(error: &anyhow::Error) -> String {
     format!("{error:#}")
 }
 
-pub fn sandboxes(list: &[SandboxInfo], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(list)?);
-        return Ok(());
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an
+/// error.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    println!(
-        "{:<24} {:<10} {:>5} {:>8} {:<16} {:>8}",
-        "NAME", "STATE", "VCPUS", "MEMORY", "IMAGE", "PID"
-    );
-    for info in list {
-        println!(
-            "{:<24} {:<10} {:>5} {:>7}M {:<16} {:>8}",
-            info.name,
-            format!("{:?}", info.state).to_lowercase(),
-            info.vcpus,
-            info.memory_mb,
-            info.image,
-            info.pid
-                .map(|pid| pid.to_string())
-                .unwrap_or_else(|| "-".into()),
-        );
-    }
-    Ok(())
 }
 
-pub fn sandbox(info: &SandboxInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(info)?);
-    } else {
-        sandboxes(std::slice::from_ref(info), false)?;
+pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
+    print(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+/// Columns padded to their widest cell (counted in characters), separated
+/// by two spaces; the last column is not padded.
+pub struct Table {
+    headers: Vec<&'static str>,
+    /// Columns aligned to the right (numbers).
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// `headers` whose name starts with '>' are right-aligned (the '>' is
+    /// not shown).
+    pub fn new(headers: &[&'static str]) -> Table {
+        Table {
+            headers: headers.iter().map(|h| h.trim_start_matches('>')).collect(),
+            right: headers.iter().map(|h| h.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
     }
-    Ok(())
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.headers.len());
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let headers: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
+        let mut out = String::new();
+        for row in std::iter::once(&headers).chain(&self.rows) {
+            let last = row.len() - 1;
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                if self.right[i] {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if i != last {
+                        line.extend(std::iter::repeat_n(' ', pad));
+                    }
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+pub fn status_text(status: VmStatus) -> &'static str {
+    match status {
+        VmStatus::Running => "RUNNING",
+        VmStatus::Stopped => "STOPPED",
+        VmStatus::Paused => "PAUSED",
+    }
+}
+
+/// `2025-05-26T07:17:03Z` as `2025-05-26 07:17:03`.
+fn when(rfc3339: &str) -> String {
+    let text = rfc3339.replacen('T', " ", 1);
+    text.strip_suffix('Z').map(str::to_string).unwrap_or(text)
+}
+
+pub fn vm_table(vms: &[Vm]) -> String {
+    let mut table = Table::new(&["NAME", "STATUS", ">VCPUS", ">MEMORY", "IMAGE", "CREATED"]);
+    for vm in vms {
+        table.row(vec![
+            vm.vm_name.clone(),
+            status_text(vm.status).to_string(),
+            vm.vcpus.to_string(),
+            format!("{}M", vm.memory_mb),
+            vm.image.clone(),
+            when(&vm.created_at),
+        ]);
+    }
+    table.render()
+}
+
+pub fn vms(vms: &[Vm], json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&vms);
+    }
+    print(&vm_table(vms))
+}
+
+pub fn vm(vm: &Vm, json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(vm);
+    }
+    print(&vm_table(std::slice::from_ref(vm)))
+}
+
+/// Bytes in binary units, one decimal above KiB (`512 B`, `1.5 MiB`).
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn snapshot_table(snapshots: &[Snapshot]) -> String {
+    let mut table = Table::new(&["ID", "VM", "CREATED", ">SIZE"]);
+    for snapshot in snapshots {
+        table.row(vec![
+            snapshot.snapshot_id.clone(),
+            snapshot.vm_name.clone(),
+            when(&snapshot.created_at),
+            size(snapshot.size_bytes),
+        ]);
+    }
+    table.render()
+}
+
+pub fn snapshots(snapshots: &[Snapshot], json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&snapshots);
+    }
+    print(&snapshot_table(snapshots))
+}
+
+pub fn snapshot(snapshot: &Snapshot, json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(snapshot);
+    }
+    print(&snapshot_table(std::slice::from_ref(snapshot)))
+}
+
+/// `ls -l`-like lines: kind and mode, owner, size, name (and link target).
+pub fn entry_lines(entries: &[Entry]) -> String {
+    let mut table = Table::new(&["MODE", ">UID", ">GID", ">SIZE", "NAME"]);
+    for entry in entries {
+        let kind = match entry.kind {
+            EntryKind::File => '-',
+            EntryKind::Dir => 'd',
+            EntryKind::Symlink => 'l',
+            EntryKind::Other => '?',
+        };
+        let target = entry
+            .link_target
+            .as_ref()
+            .map(|t| format!(" -> {t}"))
+            .unwrap_or_default();
+        table.row(vec![
+            format!("{kind}{:0>4}", entry.mode),
+            entry.uid.to_string(),
+            entry.gid.to_string(),
+            entry.size.to_string(),
+            format!("{}{target}", entry.name),
+        ]);
+    }
+    table.render()
+}
+
+pub fn entries(entries: &[Entry], json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&entries);
+    }
+    print(&entry_lines(entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, status: VmStatus, vcpus: u32, memory_mb: u32) -> Vm {
+        Vm {
+            vm_name: name.into(),
+            status,
+            ip: String::new(),
+            tap_device_name: String::new(),
+            port_forwards: vec![],
+            id: "id".into(),
+            vcpus,
+            memory_mb,
+            image: "default".into(),
+            created_at: "2025-05-26T07:17:03Z".into(),
+        }
+    }
+
+    #[test]
+    fn vm_tables_align_on_the_widest_cell() {
+        let table = vm_table(&[
+            vm("a", VmStatus::Running, 1, 256),
+            vm("my sandbox é", VmStatus::Stopped, 12, 16384),
+        ]);
+        assert_eq!(
+            table,
+            "\
+NAME          STATUS   VCPUS  MEMORY  IMAGE    CREATED
+a             RUNNING      1    256M  default  2025-05-26 07:17:03
+my sandbox é  STOPPED     12  16384M  default  2025-05-26 07:17:03
+"
+        );
+        assert_eq!(
+            vm_table(&[]),
+            "NAME  STATUS  VCPUS  MEMORY  IMAGE  CREATED\n"
+        );
+    }
+
+    #[test]
+    fn snapshot_tables_and_sizes() {
+        let snapshot = Snapshot {
+            snapshot_id: "snap-1".into(),
+            vm_name: "a b".into(),
+            created_at: "2025-05-26T07:17:03Z".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            image: "default".into(),
+            size_bytes: 3 * 1024 * 1024 / 2,
+        };
+        assert_eq!(
+            snapshot_table(&[snapshot]),
+            "\
+ID      VM   CREATED                 SIZE
+snap-1  a b  2025-05-26 07:17:03  1.5 MiB
+"
+        );
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(5 << 30), "5.0 GiB");
+    }
+
+    #[test]
+    fn entries_look_like_ls() {
+        let entry = |name: &str, kind, mode: &str, size, target: Option<&str>| Entry {
+            name: name.into(),
+            path: format!("/x/{name}"),
+            kind,
+            size,
+            mode: mode.into(),
+            uid: 0,
+            gid: 1000,
+            modified: 0,
+            link_target: target.map(String::from),
+        };
+        let text = entry_lines(&[
+            entry("bin", EntryKind::Dir, "755", 4096, None),
+            entry("a.txt", EntryKind::File, "644", 12, None),
+            entry("l", EntryKind::Symlink, "777", 5, Some("a.txt")),
+        ]);
+        assert_eq!(
+            text,
+            "\
+MODE   UID   GID  SIZE  NAME
+d0755    0  1000  4096  bin
+-0644    0  1000    12  a.txt
+l0777    0  1000     5  l -> a.txt
+"
+        );
+    }
 }

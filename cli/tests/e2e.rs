@@ -2,14 +2,11 @@
 //! real QEMU microVMs. Every CLI call is a new manager process, so these also
 //! prove that sandboxes outlive the process that created them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+mod common;
 
-/// Longest any single CLI call may take in these tests.
-const CALL_LIMIT: Duration = Duration::from_secs(120);
+use std::process::{Command, Output, Stdio};
 
-use sha2::{Digest, Sha256};
+use common::{binary_blob, require_artifacts, sha256, wait_limited, CALL_LIMIT};
 
 /// A private state directory; destroys every sandbox in it when dropped,
 /// even if the test failed half way.
@@ -29,8 +26,11 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrakis"));
-        cmd.arg("--state-dir").arg(self.state.path()).args(args);
+        let mut cmd = Command::new(common::bin());
+        cmd.arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .env_remove("ARRAKIS_SERVER");
         cmd
     }
 
@@ -58,15 +58,7 @@ impl Env {
     }
 
     fn qemu_pids(&self) -> Vec<i32> {
-        let dir = self.state.path().join("sandboxes");
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return vec![];
-        };
-        entries
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
-            .filter_map(|pid| pid.trim().parse().ok())
-            .collect()
+        common::qemu_pids(self.state.path())
     }
 }
 
@@ -75,7 +67,7 @@ impl Drop for Env {
         let listing = self.run(&["list", "--json"]);
         if let Ok(list) = serde_json::from_slice::<Vec<serde_json::Value>>(&listing.stdout) {
             for sandbox in list {
-                if let Some(name) = sandbox["name"].as_str() {
+                if let Some(name) = sandbox["vmName"].as_str() {
                     let _ = self.run(&["destroy", name]);
                 }
             }
@@ -85,53 +77,6 @@ impl Drop for Env {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-}
-
-/// Waits for a CLI call, but never longer than `CALL_LIMIT`: a hang fails
-/// the test instead of stalling the suite.
-fn wait_limited(child: Child, args: &[&str]) -> Output {
-    let pid = child.id() as i32;
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if finished.recv_timeout(CALL_LIMIT).is_err() {
-            // SAFETY: kill(2) of our own child's pid; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    watchdog.join().unwrap();
-    assert!(
-        out.status.code().is_some(),
-        "arrakis {args:?} ran longer than {CALL_LIMIT:?} and was killed; stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn artifacts_home() -> PathBuf {
-    std::env::var_os("ARRAKIS_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&std::env::var("HOME").unwrap()).join(".cache/arrakis"))
-}
-
-fn require_artifacts() {
-    let home = artifacts_home();
-    for artifact in [
-        "artifacts/vmlinuz",
-        "artifacts/initramfs.cpio",
-        "images/default/rootfs.ext4",
-    ] {
-        assert!(
-            home.join(artifact).exists(),
-            "{} is missing: run `scripts/setup` (or `make test`) first",
-            home.join(artifact).display()
-        );
-    }
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
 }
 
 #[test]
@@ -191,9 +136,7 @@ fn a_sandbox_outlives_the_cli_process_and_keeps_its_files() {
     // Upload in one process, read back in others.
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("blob.bin");
-    let blob: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let blob = binary_blob(3_000_000);
     std::fs::write(&local, &blob).unwrap();
     env.ok(&["cp", local.to_str().unwrap(), "keep:/root/in/blob.bin"]);
     let remote_sum = env.ok(&["exec", "keep", "--", "sha256sum", "/root/in/blob.bin"]);
@@ -202,18 +145,55 @@ fn a_sandbox_outlives_the_cli_process_and_keeps_its_files() {
     env.ok(&["cp", "keep:in/blob.bin", back.to_str().unwrap()]);
     assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&blob));
 
+    // Directories go as tar archives both ways (the guest's tar in this
+    // mode), byte for byte, symlinks as links.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("a/b/bin.dat"), binary_blob(100_000)).unwrap();
+    std::fs::write(tree.join("a/é.txt"), "héllo\n").unwrap();
+    std::os::unix::fs::symlink("a/é.txt", tree.join("link")).unwrap();
+    env.ok(&["cp", tree.to_str().unwrap(), "keep:/root/tree"]);
+    let copy = dir.path().join("copy");
+    env.ok(&["cp", "keep:/root/tree", copy.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(copy.join("a/b/bin.dat")).unwrap(),
+        binary_blob(100_000)
+    );
+    assert_eq!(
+        std::fs::read_to_string(copy.join("a/é.txt")).unwrap(),
+        "héllo\n"
+    );
+    assert_eq!(
+        std::fs::read_link(copy.join("link")).unwrap(),
+        std::path::Path::new("a/é.txt")
+    );
+
+    // The original client's form of a command line, in this mode too.
+    let out = env.run(&["run", "-n", "keep", "-c", "echo both; echo err >&2; exit 4"]);
+    assert_eq!(out.status.code(), Some(4));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("both\n") && stdout.contains("err\n"),
+        "{stdout}"
+    );
+
     // Timeouts are reported with coreutils' exit code.
     let out = env.run(&["exec", "keep", "--timeout", "1", "--", "sleep", "30"]);
     assert_eq!(out.status.code(), Some(124));
 
     // Stop keeps the disk; start boots it again.
-    env.ok(&["stop", "keep"]);
+    env.ok(&["stop", "-n", "keep"]);
     let got: serde_json::Value = serde_json::from_str(&env.ok(&["get", "keep", "--json"])).unwrap();
-    assert_eq!(got["state"], "stopped");
+    assert_eq!(got["status"], "STOPPED");
     env.ok(&["start", "keep"]);
     let remote_sum = env.ok(&["exec", "keep", "--", "sha256sum", "/root/in/blob.bin"]);
     assert!(remote_sum.starts_with(&sha256(&blob)), "{remote_sum}");
 
+    let table = env.ok(&["list-all"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("keep"),
+        "{table}"
+    );
     env.ok(&["destroy", "keep"]);
     assert!(env.qemu_pids().is_empty());
     let out = env.run(&["exec", "keep", "--", "true"]);
@@ -319,5 +299,28 @@ fn serve_runs_the_api_on_loopback_only() {
     let (status, body) = http(&address, "DELETE", "/v1/vms/via%20api", "");
     assert_eq!(status, 200, "{body}");
     drop(server);
+    assert!(env.qemu_pids().is_empty());
+}
+
+#[test]
+fn snapshots_work_in_process_too() {
+    let env = Env::new();
+    env.ok(&["start", "-n", "orig"]);
+    env.ok(&["exec", "orig", "--shell", "--", "echo kept > /root/mark"]);
+    let snap: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", "-n", "orig", "-i", "s 1", "--json"])).unwrap();
+    assert_eq!(snap["snapshotId"], "s 1");
+    assert_eq!(snap["vmName"], "orig");
+    env.ok(&["restore", "-n", "clone", "-i", "s 1"]);
+    assert_eq!(
+        env.ok(&["exec", "clone", "--", "cat", "/root/mark"]),
+        "kept\n"
+    );
+    let table = env.ok(&["snapshots"]);
+    assert!(table.starts_with("ID") && table.contains("s 1"), "{table}");
+    env.ok(&["snapshots", "rm", "s 1"]);
+    let out = env.run(&["snapshots", "get", "s 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    env.ok(&["destroy-all"]);
     assert!(env.qemu_pids().is_empty());
 }

@@ -36,6 +36,10 @@ pub enum FileError {
     },
     #[error("{path} is a directory")]
     IsDir { path: String },
+    /// A device, FIFO or socket: replacing it would break the guest, and
+    /// writing through it is not a file write.
+    #[error("{path} is not a regular file")]
+    NotRegular { path: String },
     #[error("directory {path} is not empty (set recursive to remove it)")]
     NotEmpty { path: String },
     #[error("refusing to remove /")]
@@ -299,6 +303,11 @@ impl WritePlan {
         let existing = std::fs::metadata(&target).ok();
         if existing.as_ref().is_some_and(|m| m.is_dir()) {
             return Err(FileError::IsDir {
+                path: target.display().to_string(),
+            });
+        }
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            return Err(FileError::NotRegular {
                 path: target.display().to_string(),
             });
         }

@@ -1,5 +1,5 @@
 //! The agent's request dispatch: one [`Agent`] answers every stream the host
-//! opens, adapting the multiplexed stream to the exec and file cores and
+//! opens, adapting the multiplexed stream to the exec, file and tunnel cores and
 //! mapping their errors to protocol error codes (the only place that does).
 
 use std::error::Error;
@@ -20,6 +20,7 @@ use crate::files::{self, FileError, FileSink, FileSource, Incoming, WriteOptions
 use crate::log::RateLimit;
 use crate::net::{self, NetError, NetSettings};
 use crate::system::{self, SystemError};
+use crate::tunnel::{self, TunnelError};
 use crate::users::UserError;
 
 /// Delay between the `Done` reply to `Shutdown` and the power-off, so the
@@ -58,6 +59,7 @@ impl Agent {
             Request::ReadFile(req) => read_file(req, stream).await,
             Request::WriteFile(req) => write_file(req, stream).await,
             Request::Shutdown(req) => self.shutdown(req.reboot, stream).await,
+            Request::Connect(req) => connect(req.port, stream).await,
             other => {
                 let outcome = self.simple(other).await;
                 finish(stream.close(outcome).await, op);
@@ -81,6 +83,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::SetTime(_) => "set_time",
         Request::Configure(_) => "configure",
         Request::Shutdown(_) => "shutdown",
+        Request::Connect(_) => "connect",
     }
 }
 
@@ -156,7 +159,8 @@ impl Agent {
             Request::Exec(_)
             | Request::ReadFile(_)
             | Request::WriteFile(_)
-            | Request::Shutdown(_) => Err(ErrorBody::new(
+            | Request::Shutdown(_)
+            | Request::Connect(_) => Err(ErrorBody::new(
                 ErrorCode::Internal,
                 "request dispatched to the wrong path",
             )),
@@ -247,6 +251,17 @@ async fn write_file(req: WriteFileRequest, mut stream: Stream) {
     }
     .await;
     finish(stream.close(result).await, "write_file");
+}
+
+async fn connect(port: u16, stream: Stream) {
+    let (sender, receiver) = stream.split();
+    // None: the host reset the stream or left; nobody reads a reply.
+    if let Some(result) = tunnel::run(port, &sender, receiver).await {
+        let outcome = result
+            .map(|()| Response::Done)
+            .map_err(|e| tunnel_error(&e));
+        finish(sender.close(outcome).await, "connect");
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -367,7 +382,7 @@ fn file_error(error: &FileError) -> ErrorBody {
         | FileError::BadMode { .. }
         | FileError::NotEmpty { .. }
         | FileError::RemoveRoot => ErrorCode::InvalidArgument,
-        FileError::IsDir { .. } => ErrorCode::WrongKind,
+        FileError::IsDir { .. } | FileError::NotRegular { .. } => ErrorCode::WrongKind,
         FileError::Io { source, .. } => io_code(source),
         FileError::Cancelled { .. } => ErrorCode::Cancelled,
     };
@@ -383,6 +398,25 @@ fn exec_error(error: &ExecError) -> ErrorBody {
         ExecError::Cwd { source, .. } | ExecError::Spawn { source, .. } => io_code(source),
         ExecError::CwdNotDir { .. } => ErrorCode::WrongKind,
         ExecError::Lost { .. } => ErrorCode::Internal,
+    };
+    ErrorBody::new(code, error_chain(error))
+}
+
+fn tunnel_error(error: &TunnelError) -> ErrorBody {
+    let code = match error {
+        TunnelError::BadPort => ErrorCode::InvalidArgument,
+        TunnelError::Refused { .. } | TunnelError::Timeout { .. } => ErrorCode::Unavailable,
+        TunnelError::Connect { source, .. } | TunnelError::Broken { source, .. } => {
+            match source.kind() {
+                io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::AddrNotAvailable => ErrorCode::Unavailable,
+                _ => io_code(source),
+            }
+        }
     };
     ErrorBody::new(code, error_chain(error))
 }
@@ -484,6 +518,33 @@ mod tests {
         let body = net_error(&ioctl);
         assert_eq!(body.code, ErrorCode::NotFound);
         assert!(body.message.contains("eth9"));
+    }
+
+    #[test]
+    fn tunnel_errors_map_to_codes() {
+        let refused = tunnel_error(&TunnelError::Refused { port: 8000 });
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert!(
+            refused.message.contains("connection refused on port 8000"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            tunnel_error(&TunnelError::BadPort).code,
+            ErrorCode::InvalidArgument
+        );
+        let broken = TunnelError::Broken {
+            port: 1,
+            source: io::Error::from_raw_os_error(libc::ECONNRESET),
+        };
+        let body = tunnel_error(&broken);
+        assert_eq!(body.code, ErrorCode::Unavailable);
+        assert!(body.message.contains("reset"), "{}", body.message);
+        let odd = TunnelError::Connect {
+            port: 1,
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert_eq!(tunnel_error(&odd).code, ErrorCode::PermissionDenied);
     }
 
     #[tokio::test]

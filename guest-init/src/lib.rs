@@ -15,4 +15,5 @@ pub mod net;
 pub mod port;
 pub mod supervisor;
 pub mod system;
+pub mod tunnel;
 pub mod users;

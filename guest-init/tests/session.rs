@@ -238,3 +238,169 @@ async fn abandoned_exec_is_killed() {
     }
     panic!("pid {pid} survived the reset");
 }
+
+fn connect_to(port: u16) -> Request {
+    Request::Connect(arrakis_protocol::ConnectRequest { port })
+}
+
+/// Opens a `connect` stream and waits for `Connected`.
+async fn tunnel(client: &Client, port: u16) -> Stream {
+    let mut stream = client.open(&connect_to(port)).await.unwrap();
+    match stream.next().await.unwrap() {
+        StreamEvent::Message(StreamMessage::Connected) => stream,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connect_tunnels_bytes_both_ways_with_half_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = connect().await;
+    // An echo server that answers only after the client's EOF, then with a
+    // trailer: this needs the host's EOF to arrive as a half-close.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        socket.read_to_end(&mut got).await.unwrap();
+        socket.write_all(&got).await.unwrap();
+        socket
+            .write_all(format!("<{} bytes>", got.len()).as_bytes())
+            .await
+            .unwrap();
+        got.len()
+    });
+    let input: Vec<u8> = (0..6_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (sender, mut receiver) = tunnel(&client, port).await.split();
+    let body = Bytes::from(input.clone());
+    let writer = tokio::spawn(async move {
+        sender.send_data(Channel::Stdin, body).await.unwrap();
+        sender.send_eof(Channel::Stdin).await.unwrap();
+        sender
+    });
+    let mut echoed = Vec::new();
+    let mut eofs = Vec::new();
+    let reply = loop {
+        match receiver.next().await.unwrap() {
+            StreamEvent::Data(Channel::Stdout, data) => echoed.extend_from_slice(&data),
+            StreamEvent::Eof(channel) => eofs.push(channel),
+            StreamEvent::Closed(outcome) => break outcome,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let _sender = writer.await.unwrap();
+    assert_eq!(server.await.unwrap(), input.len());
+    assert_eq!(reply, Ok(Response::Done));
+    assert_eq!(eofs, [Channel::Stdout]);
+    let trailer = format!("<{} bytes>", input.len());
+    assert_eq!(echoed.len(), input.len() + trailer.len());
+    assert!(echoed[..input.len()] == input[..], "echo differs");
+    assert_eq!(&echoed[input.len()..], trailer.as_bytes());
+}
+
+#[tokio::test]
+async fn connect_waits_for_both_directions_before_done() {
+    use tokio::io::AsyncWriteExt;
+    let client = connect().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // A server that talks first and closes at once.
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(b"hello\n").await.unwrap();
+    });
+    let mut stream = tunnel(&client, port).await;
+    assert_eq!(
+        stream.next().await.unwrap(),
+        StreamEvent::Data(Channel::Stdout, Bytes::from_static(b"hello\n"))
+    );
+    assert_eq!(
+        stream.next().await.unwrap(),
+        StreamEvent::Eof(Channel::Stdout)
+    );
+    server.await.unwrap();
+    // The host's direction is still open: no reply yet.
+    let early = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(early.is_err(), "replied before the host's EOF: {early:?}");
+    stream.send_eof(Channel::Stdin).await.unwrap();
+    assert_eq!(
+        stream.next().await.unwrap(),
+        StreamEvent::Closed(Ok(Response::Done))
+    );
+}
+
+#[tokio::test]
+async fn connect_to_a_closed_port_is_refused() {
+    let client = connect().await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    match client.call(&connect_to(port)).await {
+        Err(ProtocolError::Remote(body)) => {
+            assert_eq!(body.code, ErrorCode::Unavailable);
+            assert!(
+                body.message
+                    .contains(&format!("connection refused on port {port}")),
+                "{}",
+                body.message
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match client.call(&connect_to(0)).await {
+        Err(ProtocolError::Remote(body)) => assert_eq!(body.code, ErrorCode::InvalidArgument),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reset_tunnel_closes_the_guest_socket_even_when_stuck() {
+    let client = connect().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stream = tunnel(&client, port).await;
+    let (socket, _) = listener.accept().await.unwrap();
+    // The application reads nothing: once the socket's buffers are full the
+    // agent blocks writing into it and the host blocks on credit.
+    let (sender, receiver) = stream.split();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let flood = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        while sender
+            .send_data(Channel::Stdin, chunk.clone())
+            .await
+            .is_ok()
+        {
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // Dropping the host's stream resets it; the agent must abort the
+    // connection (a TCP reset) although nothing moves on it.
+    flood.abort();
+    let _ = flood.await;
+    drop(receiver);
+    let error = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(error) = socket.take_error().unwrap() {
+                return error;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the guest socket stayed open after the reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(client.call(&Request::Ping).await.unwrap(), Response::Pong);
+}

@@ -47,6 +47,16 @@ pub enum Request {
     /// Sync disks and power the guest off (or reboot). Reply: [`Response::Done`],
     /// sent before the guest goes down.
     Shutdown(ShutdownRequest),
+    /// Open a TCP connection to `127.0.0.1:port` inside the guest and tunnel
+    /// it over the stream. Once connected the guest sends
+    /// [`StreamMessage::Connected`]; then the host's bytes for the socket go
+    /// in `DATA` frames on the stdin channel and the socket's bytes come back
+    /// on the stdout channel. `EOF` on either is a half-close (the guest
+    /// shuts down the socket's write side; the socket's end of input is sent
+    /// as `EOF` on stdout). The guest closes with [`Response::Done`] once
+    /// both directions ended, or with an error (nothing listens:
+    /// [`ErrorCode::Unavailable`]); `RESET` from the host drops the connection.
+    Connect(ConnectRequest),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +192,13 @@ pub struct ShutdownRequest {
     pub reboot: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    /// TCP port on the guest's loopback address (1 to 65535).
+    pub port: u16,
+}
+
 /// Mid-stream control messages (`MESSAGE` frames), in either direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
@@ -191,6 +208,9 @@ pub enum StreamMessage {
     /// Host -> guest: deliver a signal to the process of an `exec` stream.
     /// `group` sends it to the whole process tree.
     Signal { signal: i32, group: bool },
+    /// Guest -> host: the connection of a `connect` stream is established;
+    /// bytes may flow.
+    Connected,
 }
 
 /// The final message of a stream, carried by its `CLOSE` frame.
@@ -309,4 +329,7 @@ pub enum ErrorCode {
     Unsupported,
     /// Any other failure inside the guest.
     Internal,
+    /// The target is not reachable now (nothing listens on the port, the
+    /// connection was refused, reset or timed out); a later retry may work.
+    Unavailable,
 }

@@ -66,6 +66,7 @@ struct Slot {
     events: mpsc::UnboundedSender<StreamEvent>,
     window: Arc<Semaphore>,
     done: Arc<AtomicBool>,
+    ended: Arc<watch::Sender<bool>>,
 }
 
 /// State of one session shared by its reader, writer and streams.
@@ -117,12 +118,14 @@ impl Shared {
         let (events, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Semaphore::new(WINDOW as usize));
         let done = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(watch::Sender::new(false));
         self.slots().insert(
             id,
             Slot {
                 events,
                 window: window.clone(),
                 done: done.clone(),
+                ended: ended.clone(),
             },
         );
         let core = Arc::new(Core {
@@ -130,6 +133,7 @@ impl Shared {
             shared: self.clone(),
             window,
             done,
+            ended,
             _keep: keep,
         });
         (
@@ -144,6 +148,7 @@ impl Shared {
         let slots = std::mem::take(&mut *self.slots());
         for slot in slots.values() {
             slot.window.close();
+            slot.ended.send_replace(true);
         }
     }
 
@@ -180,6 +185,7 @@ impl Shared {
             if last {
                 slot.done.store(true, Ordering::SeqCst);
                 slot.window.close();
+                slot.ended.send_replace(true);
             }
             // The receiver may be gone already; late frames are dropped.
             let _ = slot.events.send(event);
@@ -197,6 +203,8 @@ struct Core {
     shared: Arc<Shared>,
     window: Arc<Semaphore>,
     done: Arc<AtomicBool>,
+    /// Turns true when the stream can no longer carry data (see [`StreamSender::ended`]).
+    ended: Arc<watch::Sender<bool>>,
     _keep: Option<Arc<Connection>>,
 }
 
@@ -289,10 +297,20 @@ impl StreamSender {
             return Err(ProtocolError::StreamClosed);
         }
         self.core.window.close();
+        self.core.ended.send_replace(true);
         self.core.shared.slots().remove(&self.core.id);
         self.core
             .shared
             .send(Frame::json(self.core.id, Kind::Close, &outcome))
+    }
+
+    /// Resolves once the stream can no longer carry data: the peer closed
+    /// or reset it, this side closed it, or the session ended. Lets a side
+    /// that is busy elsewhere (say, blocked writing into a socket) notice a
+    /// reset without taking events off the receiver.
+    pub async fn ended(&self) {
+        let mut ended = self.core.ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 }
 

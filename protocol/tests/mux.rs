@@ -306,3 +306,70 @@ async fn undecodable_request_gets_an_error_reply() {
     .unwrap();
     assert!(reply.contains("launch_missiles"), "{reply}");
 }
+
+/// Answers `connect` with `Connected`, then parks without reading events and
+/// reports when the stream ended (as a guest blocked writing into a socket).
+struct Parked(tokio::sync::mpsc::UnboundedSender<u32>);
+
+impl Handler for Parked {
+    async fn handle(&self, _request: Request, stream: Stream) {
+        let id = stream.id();
+        let (sender, _receiver) = stream.split();
+        let _ = sender.send_message(&StreamMessage::Connected).await;
+        sender.ended().await;
+        let _ = self.0.send(id);
+    }
+}
+
+#[tokio::test]
+async fn ended_fires_on_reset_and_on_session_end() {
+    // Host and guest talk through a relay that the test can cut.
+    let (host, mut host_end) = tokio::io::duplex(64 * 1024);
+    let (guest, mut guest_end) = tokio::io::duplex(64 * 1024);
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut host_end, &mut guest_end).await;
+    });
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(serve(guest, Arc::new(Parked(ended_tx)), "v"));
+    let client = Client::connect(host, ClientOptions::default())
+        .await
+        .unwrap();
+    let connect = Request::Connect(arrakis_protocol::ConnectRequest { port: 1 });
+    let mut first = client.open(&connect).await.unwrap();
+    let mut second = client.open(&connect).await.unwrap();
+    for stream in [&mut first, &mut second] {
+        assert_eq!(
+            stream.next().await.unwrap(),
+            StreamEvent::Message(StreamMessage::Connected)
+        );
+    }
+    // Dropping a stream resets it: only that one ends on the guest.
+    let first_id = first.id();
+    drop(first);
+    let seen = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(first_id));
+    assert!(ended.try_recv().is_err());
+    // Cutting the byte stream ends the session: the rest end on both sides.
+    let (sender, _receiver) = second.split();
+    relay.abort();
+    let seen = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(sender.id()));
+    tokio::time::timeout(Duration::from_secs(5), sender.ended())
+        .await
+        .unwrap();
+    assert!(matches!(
+        sender
+            .send_data(Channel::Stdin, Bytes::from_static(b"x"))
+            .await,
+        Err(ProtocolError::Disconnected | ProtocolError::StreamClosed)
+    ));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

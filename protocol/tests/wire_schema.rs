@@ -146,6 +146,10 @@ fn requests() {
             Request::Shutdown(ShutdownRequest { reboot: false }),
             r#"{"op":"shutdown","reboot":false}"#.to_string(),
         ),
+        (
+            Request::Connect(ConnectRequest { port: 8080 }),
+            r#"{"op":"connect","port":8080}"#.to_string(),
+        ),
     ];
     for (request, wire) in cases {
         assert_eq!(json(&request), wire);
@@ -187,6 +191,10 @@ fn replies_and_messages() {
             Err(ErrorBody::new(ErrorCode::WrongKind, "is a directory")),
             r#"{"Err":{"code":"wrong_kind","message":"is a directory"}}"#,
         ),
+        (
+            Err(ErrorBody::new(ErrorCode::Unavailable, "refused")),
+            r#"{"Err":{"code":"unavailable","message":"refused"}}"#,
+        ),
     ];
     for (outcome, wire) in cases {
         assert_eq!(json(&outcome), wire);
@@ -202,4 +210,16 @@ fn replies_and_messages() {
         }),
         r#"{"msg":"signal","signal":15,"group":true}"#
     );
+    assert_eq!(json(&StreamMessage::Connected), r#"{"msg":"connected"}"#);
+}
+
+#[test]
+fn connect_rejects_what_it_does_not_know() {
+    for wire in [
+        r#"{"op":"connect"}"#,
+        r#"{"op":"connect","port":70000}"#,
+        r#"{"op":"connect","port":80,"host":"10.0.0.1"}"#,
+    ] {
+        assert!(serde_json::from_str::<Request>(wire).is_err(), "{wire}");
+    }
 }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arrakis_protocol::{
-    paths, Channel, ChmodRequest, Client, ClientOptions, ErrorBody, ExecRequest, ExitStatus,
-    FileStat, GuestInfo, MkdirRequest, PathRequest, ProtocolError, ReadFileRequest, RemoveRequest,
-    Request, Response, ShutdownRequest, Stream, StreamEvent, StreamMessage, StreamReceiver,
-    StreamSender, WriteFileRequest,
+    paths, Channel, ChmodRequest, Client, ClientOptions, ConfigureRequest, ErrorBody, ExecRequest,
+    ExitStatus, FileStat, GuestInfo, MkdirRequest, PathRequest, ProtocolError, ReadFileRequest,
+    RemoveRequest, Request, Response, SetTimeRequest, ShutdownRequest, Stream, StreamEvent,
+    StreamMessage, StreamReceiver, StreamSender, WriteFileRequest,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -307,6 +307,18 @@ impl AgentClient {
             mode,
         });
         self.expect_done("chmod", &request).await
+    }
+
+    /// Sets the guest's wall clock (nanoseconds since the Unix epoch).
+    pub async fn set_time(&self, unix_nanos: u64) -> Result<(), AgentError> {
+        let request = Request::SetTime(SetTimeRequest { unix_nanos });
+        self.expect_done("set_time", &request).await
+    }
+
+    /// Applies identity and network settings (hostname, entropy seed...).
+    pub async fn configure(&self, request: ConfigureRequest) -> Result<(), AgentError> {
+        self.expect_done("configure", &Request::Configure(request))
+            .await
     }
 
     /// Asks the guest to sync and power off. The session ending before the
@@ -702,6 +714,11 @@ async fn watch_exit(alive: &impl Fn() -> bool) {
 }
 
 pub use arrakis_protocol::error_chain;
+
+mod tunnel;
+#[cfg(feature = "testing")]
+pub use tunnel::fake as tunnel_fake;
+pub use tunnel::{Spliced, TcpTunnel, CONNECT_TCP_TIMEOUT};
 
 #[cfg(test)]
 mod tests;

@@ -97,6 +97,18 @@ pub struct RuntimeConfig {
     pub stop_timeout_secs: u64,
     /// Appended to the guest kernel command line, one argument per entry.
     pub extra_kernel_args: Vec<String>,
+    /// Where the guest RAM files of running VMs live (see
+    /// [`RuntimeConfig::resolved_ram_dir`]). Every VM's memory is a
+    /// `memory-backend-file` shared with QEMU, so a snapshot can skip it in
+    /// the migration stream and copy the file instead; on tmpfs guest writes
+    /// never reach a disk. `None` (the default): a directory on `/dev/shm`
+    /// named after a hash of `state_dir`, so two state directories never
+    /// share one (reconciliation removes RAM files no sandbox owns).
+    pub ram_dir: Option<PathBuf>,
+    /// Most sandboxes (in any state) that may exist in this state directory;
+    /// `create` and `restore` beyond it fail with
+    /// [`crate::ErrorKind::ResourceExhausted`]. 0: unlimited.
+    pub max_sandboxes: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -136,11 +148,14 @@ impl RuntimeConfig {
             boot_timeout_secs: 60,
             stop_timeout_secs: 10,
             extra_kernel_args: Vec::new(),
+            ram_dir: None,
+            max_sandboxes: 0,
         }
     }
 
     /// The defaults with the environment applied: `ARRAKIS_HOME`,
-    /// `ARRAKIS_STATE_DIR`, `ARRAKIS_ACCEL` (`auto`, `kvm`, `tcg`).
+    /// `ARRAKIS_STATE_DIR`, `ARRAKIS_RAM_DIR`, `ARRAKIS_ACCEL` (`auto`,
+    /// `kvm`, `tcg`).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(|var| std::env::var(var).ok())
     }
@@ -149,6 +164,9 @@ impl RuntimeConfig {
         let mut config = RuntimeConfig::with_home(&default_home(&env));
         if let Some(dir) = env("ARRAKIS_STATE_DIR").filter(|v| !v.is_empty()) {
             config.state_dir = PathBuf::from(dir);
+        }
+        if let Some(dir) = env("ARRAKIS_RAM_DIR").filter(|v| !v.is_empty()) {
+            config.ram_dir = Some(PathBuf::from(dir));
         }
         if let Some(value) = env("ARRAKIS_ACCEL").filter(|v| !v.is_empty()) {
             config.accel = value.parse().map_err(|message| ConfigError::Env {
@@ -166,6 +184,14 @@ impl RuntimeConfig {
 
     pub fn stop_timeout(&self) -> Duration {
         Duration::from_secs(self.stop_timeout_secs)
+    }
+
+    /// `ram_dir`, or by default `/dev/shm/arrakis-<hash of state_dir>`.
+    pub fn resolved_ram_dir(&self) -> PathBuf {
+        match &self.ram_dir {
+            Some(dir) => dir.clone(),
+            None => default_ram_dir(&self.state_dir),
+        }
     }
 
     /// Checks every field; the first problem found is reported.
@@ -190,11 +216,13 @@ impl RuntimeConfig {
     }
 
     fn validate_paths(&self) -> Result<(), ConfigError> {
+        let ram_dir = self.resolved_ram_dir();
         for (field, path) in [
             ("state_dir", &self.state_dir),
             ("kernel", &self.kernel),
             ("initramfs", &self.initramfs),
             ("images_dir", &self.images_dir),
+            ("ram_dir", &ram_dir),
         ] {
             if !path.is_absolute() {
                 return Err(invalid(
@@ -256,6 +284,17 @@ impl RuntimeConfig {
     }
 }
 
+/// `/dev/shm/arrakis-<16 hex digits>`: FNV-1a of the state directory's
+/// path (a stable name, not a secret; the directory is created 0700).
+pub fn default_ram_dir(state_dir: &Path) -> PathBuf {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in state_dir.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    PathBuf::from(format!("/dev/shm/arrakis-{hash:016x}"))
+}
+
 fn invalid(field: &'static str, message: String) -> ConfigError {
     ConfigError::Invalid { field, message }
 }
@@ -294,14 +333,29 @@ mod tests {
     }
 
     #[test]
+    fn ram_dirs_follow_the_state_dir() {
+        let mut config = RuntimeConfig::with_home(Path::new("/h"));
+        let first = config.resolved_ram_dir();
+        assert!(first.starts_with("/dev/shm"), "{}", first.display());
+        assert_eq!(first, default_ram_dir(Path::new("/h/state")));
+        config.state_dir = PathBuf::from("/other/state");
+        assert_ne!(config.resolved_ram_dir(), first);
+        config.ram_dir = Some(PathBuf::from("/run/arrakis-ram"));
+        assert_eq!(config.resolved_ram_dir(), Path::new("/run/arrakis-ram"));
+        assert_eq!(config.max_sandboxes, 0);
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let config = RuntimeConfig::from_env_with(env_of(&[
             ("HOME", "/home/u"),
             ("ARRAKIS_HOME", "/opt/ar"),
             ("ARRAKIS_STATE_DIR", "/var/lib/ar"),
             ("ARRAKIS_ACCEL", "tcg"),
+            ("ARRAKIS_RAM_DIR", "/run/ar-ram"),
         ]))
         .unwrap();
+        assert_eq!(config.resolved_ram_dir(), Path::new("/run/ar-ram"));
         assert_eq!(config.kernel, Path::new("/opt/ar/artifacts/vmlinuz"));
         assert_eq!(config.state_dir, Path::new("/var/lib/ar"));
         assert_eq!(config.accel, AccelMode::Tcg);
@@ -357,6 +411,10 @@ mod tests {
             ),
             ("boot_timeout_secs", Box::new(|c| c.boot_timeout_secs = 0)),
             ("tcg_tb_size_mb", Box::new(|c| c.tcg_tb_size_mb = 0)),
+            (
+                "ram_dir",
+                Box::new(|c| c.ram_dir = Some(PathBuf::from("shm"))),
+            ),
         ];
         for (field, mutate) in cases {
             let mut config = base.clone();

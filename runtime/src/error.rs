@@ -17,9 +17,9 @@ use crate::vmm::VmmError;
 pub enum ErrorKind {
     /// Bad input (HTTP 400/422).
     InvalidArgument,
-    /// No such sandbox, or no such guest path (404).
+    /// No such sandbox or snapshot, or no such guest path (404).
     NotFound,
-    /// The name is taken, or the guest path exists (409).
+    /// The name or snapshot id is taken, or the guest path exists (409).
     AlreadyExists,
     /// The sandbox's state does not allow the operation, or another
     /// operation holds it (409).
@@ -28,6 +28,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The host is not set up for this (missing kernel, image...) (500/503).
     FailedPrecondition,
+    /// A configured limit is reached, e.g. `max_sandboxes` (HTTP 429).
+    ResourceExhausted,
     /// Everything else: VMM, agent, storage failures (500).
     Internal,
 }
@@ -51,6 +53,28 @@ pub enum RuntimeError {
     },
     #[error("sandbox {name:?} is busy with another operation; try again")]
     Busy { name: String },
+    #[error("no snapshot with id {id:?}")]
+    SnapshotNotFound { id: String },
+    #[error("a snapshot with id {id:?} already exists")]
+    SnapshotExists { id: String },
+    #[error("snapshot {id:?} is busy with another operation; try again")]
+    SnapshotBusy { id: String },
+    /// The sandbox runs in a way a snapshot cannot capture.
+    #[error("cannot snapshot sandbox {name:?}: {reason}")]
+    NotSnapshottable { name: String, reason: &'static str },
+    /// The snapshot cannot be restored on this host or configuration.
+    #[error("cannot restore snapshot {id:?} here: {reason}")]
+    SnapshotIncompatible { id: String, reason: String },
+    #[error("the sandbox limit is reached: {max} sandboxes exist (max_sandboxes = {max})")]
+    QuotaExceeded { max: u32 },
+    /// The VM of a restored sandbox resumed but its agent never answered.
+    #[error("sandbox {name:?} restored from snapshot {snapshot:?} did not answer: {reason}\n--- last console lines ---\n{console_tail}")]
+    Restore {
+        name: String,
+        snapshot: String,
+        reason: ReadyError,
+        console_tail: String,
+    },
     #[error("{what} not found at {path}: {hint}")]
     MissingArtifact {
         what: &'static str,
@@ -94,14 +118,23 @@ impl RuntimeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             RuntimeError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            RuntimeError::NotFound { .. } => ErrorKind::NotFound,
-            RuntimeError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            RuntimeError::InvalidState { .. } | RuntimeError::Busy { .. } => ErrorKind::Conflict,
-            RuntimeError::MissingArtifact { .. } | RuntimeError::Config(_) => {
-                ErrorKind::FailedPrecondition
+            RuntimeError::NotFound { .. } | RuntimeError::SnapshotNotFound { .. } => {
+                ErrorKind::NotFound
             }
+            RuntimeError::AlreadyExists { .. } | RuntimeError::SnapshotExists { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            RuntimeError::InvalidState { .. }
+            | RuntimeError::Busy { .. }
+            | RuntimeError::SnapshotBusy { .. }
+            | RuntimeError::NotSnapshottable { .. } => ErrorKind::Conflict,
+            RuntimeError::MissingArtifact { .. }
+            | RuntimeError::Config(_)
+            | RuntimeError::SnapshotIncompatible { .. } => ErrorKind::FailedPrecondition,
+            RuntimeError::QuotaExceeded { .. } => ErrorKind::ResourceExhausted,
             RuntimeError::Agent { source, .. } => agent_kind(source),
             RuntimeError::Boot { .. }
+            | RuntimeError::Restore { .. }
             | RuntimeError::Vmm { .. }
             | RuntimeError::Store(_)
             | RuntimeError::Io { .. } => ErrorKind::Internal,
@@ -122,6 +155,9 @@ fn agent_kind(error: &AgentError) -> ErrorKind {
             ErrorCode::NotFound => ErrorKind::NotFound,
             ErrorCode::AlreadyExists => ErrorKind::AlreadyExists,
             ErrorCode::PermissionDenied => ErrorKind::PermissionDenied,
+            // Nothing listens on a guest port (yet): the guest is fine, the
+            // target is not ready (HTTP 503).
+            ErrorCode::Unavailable => ErrorKind::FailedPrecondition,
             ErrorCode::Cancelled | ErrorCode::Unsupported | ErrorCode::Internal => {
                 ErrorKind::Internal
             }
@@ -168,6 +204,14 @@ mod tests {
             source: AgentError::InvalidPath(ErrorBody::new(ErrorCode::InvalidArgument, "empty")),
         };
         assert_eq!(path.kind(), ErrorKind::InvalidArgument);
+        let quota = RuntimeError::QuotaExceeded { max: 3 };
+        assert_eq!(quota.kind(), ErrorKind::ResourceExhausted);
+        assert!(quota.to_string().contains("max_sandboxes = 3"), "{quota}");
+        let missing = RuntimeError::SnapshotNotFound { id: "s 1".into() };
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        assert_eq!(missing.to_string(), "no snapshot with id \"s 1\"");
+        let taken = RuntimeError::SnapshotExists { id: "s".into() };
+        assert_eq!(taken.kind(), ErrorKind::AlreadyExists);
         assert!(
             path.chain().contains("invalid path: empty"),
             "{}",

@@ -7,10 +7,17 @@
 //! sandboxes outlive the process that created them, and several manager
 //! processes may work on one state directory at once.
 //!
-//! Layers, top down: [`manager`] (operations, reconciliation) -> [`sandbox`]
-//! (the lifecycle state machine), [`store`] (persistent records), [`vmm`]
-//! (the VMM seam and its QEMU backend), [`agent`] (typed client of the guest
-//! agent) -> [`arrakis_protocol`].
+//! Layers, top down: [`manager`] (operations, reconciliation, snapshots and
+//! restores) -> [`sandbox`] (the lifecycle state machine), [`store`]
+//! (persistent records, disk layers), [`vmm`] (the VMM seam and its QEMU
+//! backend), [`agent`] (typed client of the guest agent) ->
+//! [`arrakis_protocol`].
+//!
+//! Guest RAM of every VM is a file on tmpfs mapped shared into QEMU, and
+//! every disk is a chain of qcow2 layers under `<state_dir>/layers/`: that
+//! is what makes snapshots cheap (device state + a sparse copy of the RAM
+//! file + a frozen layer) and restores fast (see [`manager`]'s snapshot
+//! module).
 
 pub mod accel;
 pub mod agent;
@@ -19,6 +26,7 @@ pub mod error;
 pub mod layout;
 mod lock;
 pub mod manager;
+mod memfile;
 mod process;
 pub mod sandbox;
 pub mod spec;
@@ -34,6 +42,6 @@ pub use agent::{
 };
 pub use config::{AccelMode, ConfigError, RuntimeConfig};
 pub use error::{ErrorKind, RuntimeError};
-pub use manager::{Manager, SandboxInfo};
+pub use manager::{Manager, SandboxInfo, SnapshotInfo};
 pub use sandbox::{InvalidTransition, Operation, SandboxState};
 pub use spec::SandboxSpec;

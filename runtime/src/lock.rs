@@ -1,4 +1,6 @@
-//! Per-sandbox exclusive locks (`flock(2)` on `<state_dir>/sandboxes/<id>.lock`).
+//! Per-sandbox exclusive locks (`flock(2)` on `<state_dir>/sandboxes/<id>.lock`),
+//! and per-snapshot locks, exclusive to take or delete a snapshot and shared
+//! while a restore reads its files.
 //!
 //! Lifecycle operations hold the lock so two manager processes (the CLI is
 //! one process per command) or two tasks of one process never start, stop or
@@ -36,6 +38,10 @@ pub struct SandboxLock {
 impl SandboxLock {
     /// Takes the lock if it is free; `None` when someone else holds it.
     pub fn try_acquire(path: &Path) -> Result<Option<SandboxLock>, LockError> {
+        Self::try_lock(path, libc::LOCK_EX)
+    }
+
+    fn try_lock(path: &Path, mode: i32) -> Result<Option<SandboxLock>, LockError> {
         let io_err = |source| LockError::Io {
             path: path.to_path_buf(),
             source,
@@ -49,7 +55,7 @@ impl SandboxLock {
             .map_err(io_err)?;
         // SAFETY: flock(2) on a descriptor we own and keep open for the call;
         // no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(Some(SandboxLock { _file: file }));
         }
@@ -63,10 +69,19 @@ impl SandboxLock {
 
     /// Waits up to `timeout` for the lock.
     pub async fn acquire(path: &Path, timeout: Duration) -> Result<SandboxLock, LockError> {
+        Self::wait(path, timeout, libc::LOCK_EX).await
+    }
+
+    /// Waits up to `timeout` for the lock in shared mode.
+    pub async fn acquire_shared(path: &Path, timeout: Duration) -> Result<SandboxLock, LockError> {
+        Self::wait(path, timeout, libc::LOCK_SH).await
+    }
+
+    async fn wait(path: &Path, timeout: Duration, mode: i32) -> Result<SandboxLock, LockError> {
         let start = Instant::now();
         let mut pause = Duration::from_millis(5);
         loop {
-            if let Some(lock) = SandboxLock::try_acquire(path)? {
+            if let Some(lock) = SandboxLock::try_lock(path, mode)? {
                 return Ok(lock);
             }
             if start.elapsed() >= timeout {
@@ -102,5 +117,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         drop(held);
         waiter.await.unwrap().expect("lock after release");
+    }
+
+    #[tokio::test]
+    async fn shared_holders_exclude_only_exclusive_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.lock");
+        let short = Duration::from_millis(50);
+        let one = SandboxLock::acquire_shared(&path, short).await.unwrap();
+        let two = SandboxLock::acquire_shared(&path, short).await.unwrap();
+        assert!(SandboxLock::try_acquire(&path).unwrap().is_none());
+        drop(one);
+        assert!(SandboxLock::try_acquire(&path).unwrap().is_none());
+        drop(two);
+        let exclusive = SandboxLock::acquire(&path, short).await.unwrap();
+        let err = SandboxLock::acquire_shared(&path, short).await.unwrap_err();
+        assert!(matches!(err, LockError::Timeout { .. }), "{err}");
+        drop(exclusive);
+        SandboxLock::acquire_shared(&path, short).await.unwrap();
     }
 }

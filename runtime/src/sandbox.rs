@@ -52,6 +52,8 @@ pub enum Operation {
     Destroy,
     /// Use the guest agent (exec, files): allowed only while running; not a transition.
     Agent,
+    /// Take a snapshot: allowed while running or paused, which it stays.
+    Snapshot,
     /// The guest agent answered after a boot.
     Booted,
     /// A boot did not reach the agent; QEMU was killed.
@@ -81,6 +83,8 @@ impl SandboxState {
             (S::Running | S::Paused, O::Stop) => S::Stopping,
             (_, O::Destroy) => S::Destroying,
             (S::Running, O::Agent) => S::Running,
+            (S::Running, O::Snapshot) => S::Running,
+            (S::Paused, O::Snapshot) => S::Paused,
             (S::Creating | S::Starting, O::Booted) => S::Running,
             (S::Starting, O::BootFailed) => S::Stopped,
             (S::Stopping, O::Halted) => S::Stopped,
@@ -154,6 +158,7 @@ impl Operation {
             Operation::Stop => "stop",
             Operation::Destroy => "destroy",
             Operation::Agent => "use the agent of",
+            Operation::Snapshot => "snapshot",
             Operation::Booted => "finish booting",
             Operation::BootFailed => "fail booting",
             Operation::Halted => "halt",
@@ -174,8 +179,9 @@ mod tests {
     use super::SandboxState as S;
     use super::*;
 
-    const ALL_OPS: [Operation; 10] = [
+    const ALL_OPS: [Operation; 11] = [
         O::Start,
+        O::Snapshot,
         O::Pause,
         O::Resume,
         O::Stop,
@@ -198,9 +204,11 @@ mod tests {
         (S::Running, O::Pause, S::Paused),
         (S::Running, O::Stop, S::Stopping),
         (S::Running, O::Agent, S::Running),
+        (S::Running, O::Snapshot, S::Running),
         (S::Running, O::Died, S::Crashed),
         (S::Running, O::Destroy, S::Destroying),
         (S::Paused, O::Resume, S::Running),
+        (S::Paused, O::Snapshot, S::Paused),
         (S::Paused, O::Stop, S::Stopping),
         (S::Paused, O::Died, S::Crashed),
         (S::Paused, O::Destroy, S::Destroying),

@@ -2,6 +2,7 @@
 //! concrete resources. Pure: the only file system look-up (does the image
 //! exist) is done by the caller with the path computed here.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,12 @@ use crate::config::{RuntimeConfig, MIN_MEMORY_MB};
 
 /// Longest sandbox name accepted.
 pub const MAX_NAME_LEN: usize = 63;
+
+/// Most environment variables a sandbox may carry.
+pub const MAX_ENV_ENTRIES: usize = 256;
+
+/// Longest snapshot id accepted, in characters.
+pub const MAX_SNAPSHOT_ID_LEN: usize = 128;
 
 /// A request to create a sandbox. Absent fields take the configured defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +29,11 @@ pub struct SandboxSpec {
     pub memory_mb: Option<u32>,
     #[serde(default)]
     pub image: Option<String>,
+    /// Environment of every command run in the sandbox (front ends merge it
+    /// into each exec; the runtime stores it and carries it into snapshots
+    /// and restores). Validated by [`validate_env`].
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 impl SandboxSpec {
@@ -42,6 +54,7 @@ pub struct ResolvedSpec {
     pub image: String,
     /// `<images_dir>/<image>/rootfs.ext4`, before symlinks are resolved.
     pub image_path: PathBuf,
+    pub env: BTreeMap<String, String>,
 }
 
 /// A field that failed validation, with the accepted form.
@@ -83,13 +96,51 @@ pub fn resolve(spec: &SandboxSpec, config: &RuntimeConfig) -> Result<ResolvedSpe
         message,
     })?;
     let image_path = image_path(&config.images_dir, &image);
+    validate_env(&spec.env).map_err(|message| SpecError {
+        field: "env",
+        message,
+    })?;
     Ok(ResolvedSpec {
         name: spec.name.clone(),
         vcpus,
         memory_mb,
         image,
         image_path,
+        env: spec.env.clone(),
     })
+}
+
+/// At most [`MAX_ENV_ENTRIES`] variables; names non-empty without `=` or
+/// NUL, values without NUL (what `execve` can carry).
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    if env.len() > MAX_ENV_ENTRIES {
+        return Err(format!(
+            "{} variables; accepted: at most {MAX_ENV_ENTRIES}",
+            env.len()
+        ));
+    }
+    for (key, value) in env {
+        if key.is_empty() {
+            return Err("a variable name is empty".to_string());
+        }
+        if key.contains(['=', '\0']) {
+            return Err(format!(
+                "the variable name {key:?} contains '=' or NUL; accepted: no '=' and no NUL"
+            ));
+        }
+        if value.contains('\0') {
+            return Err(format!("the value of {key:?} contains NUL"));
+        }
+    }
+    Ok(())
+}
+
+/// 1 to 128 characters (not bytes) of free text: no control characters,
+/// no `/`, and not only whitespace, like sandbox names (front ends build
+/// ids such as `snapshot-my box-20261124-101500`). An id is never a path
+/// component: snapshot directories are named by an internal id.
+pub fn validate_snapshot_id(id: &str) -> Result<(), String> {
+    validate_label("snapshot id", id, MAX_SNAPSHOT_ID_LEN)
 }
 
 pub fn image_path(images_dir: &Path, image: &str) -> PathBuf {
@@ -101,21 +152,34 @@ pub fn image_path(images_dir: &Path, image: &str) -> PathBuf {
 /// kernel argument: the sandbox directory is named by id, and the guest
 /// hostname is derived by [`hostname_for`].
 pub fn validate_name(name: &str) -> Result<(), String> {
-    const FORM: &str = "1 to 63 characters, no control characters, no '/', not only whitespace";
-    let len = name.chars().count();
+    validate_label("name", name, MAX_NAME_LEN)
+}
+
+/// Free text naming something (a sandbox, a snapshot): 1 to `max`
+/// characters, no control characters, not only whitespace, and none of
+/// `/ ? # %`, which would end or garble it in a URL path (clients such as
+/// py-arrakis do not escape them).
+fn validate_label(what: &str, value: &str, max: usize) -> Result<(), String> {
+    let form = format!(
+        "1 to {max} characters, no control characters, none of / ? # %, not only whitespace"
+    );
+    let len = value.chars().count();
     if len == 0 {
-        return Err(format!("the name is empty; accepted: {FORM}"));
+        return Err(format!("the {what} is empty; accepted: {form}"));
     }
-    if len > MAX_NAME_LEN {
+    if len > max {
         return Err(format!(
-            "the name is {len} characters long; accepted: {FORM}"
+            "the {what} is {len} characters long; accepted: {form}"
         ));
     }
-    if let Some(bad) = name.chars().find(|c| c.is_control() || *c == '/') {
-        return Err(format!("{name:?} contains {bad:?}; accepted: {FORM}"));
+    if let Some(bad) = value
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '/' | '?' | '#' | '%'))
+    {
+        return Err(format!("{value:?} contains {bad:?}; accepted: {form}"));
     }
-    if name.chars().all(char::is_whitespace) {
-        return Err(format!("the name is only whitespace; accepted: {FORM}"));
+    if value.chars().all(char::is_whitespace) {
+        return Err(format!("the {what} is only whitespace; accepted: {form}"));
     }
     Ok(())
 }
@@ -202,6 +266,8 @@ mod tests {
             " ",
             "\u{3000}\t",
             "a/b",
+            "q?x#y",
+            "50%",
             "..//",
             "a\0",
             "a\nb",
@@ -270,8 +336,78 @@ mod tests {
                 memory_mb: 256,
                 image: "default".into(),
                 image_path: PathBuf::from("/h/images/default/rootfs.ext4"),
+                env: BTreeMap::new(),
             }
         );
+    }
+
+    #[test]
+    fn env_is_checked() {
+        let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for good in [
+            env(&[]),
+            env(&[("PATH", "/bin"), ("EMPTY", ""), ("ünï", "cødé = ok")]),
+        ] {
+            assert_eq!(validate_env(&good), Ok(()), "{good:?}");
+        }
+        for (bad, hint) in [
+            (env(&[("", "x")]), "empty"),
+            (env(&[("A=B", "x")]), "'='"),
+            (env(&[("A\0", "x")]), "NUL"),
+            (env(&[("A", "x\0y")]), "NUL"),
+        ] {
+            let err = validate_env(&bad).unwrap_err();
+            assert!(err.contains(hint), "{bad:?}: {err}");
+        }
+        let many: BTreeMap<String, String> = (0..=MAX_ENV_ENTRIES)
+            .map(|i| (format!("V{i}"), String::new()))
+            .collect();
+        assert!(validate_env(&many).unwrap_err().contains("at most 256"));
+        let spec = SandboxSpec {
+            env: env(&[("A=B", "x")]),
+            ..SandboxSpec::named("a")
+        };
+        assert_eq!(resolve(&spec, &config()).unwrap_err().field, "env");
+        let parsed: SandboxSpec = serde_json::from_str(r#"{"name":"a","env":{"K":"v"}}"#).unwrap();
+        assert_eq!(parsed.env, env(&[("K", "v")]));
+    }
+
+    #[test]
+    fn snapshot_ids() {
+        for good in [
+            "s",
+            "snap-1",
+            "snapshot-my box-20261124-101500",
+            "名前.v2",
+            " spaced ",
+            &"é".repeat(128),
+        ] {
+            assert_eq!(validate_snapshot_id(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "  ",
+            "a/b",
+            "..",
+            "/",
+            "a\nb",
+            "tab\t",
+            "nul\0",
+            &"x".repeat(129),
+        ] {
+            // ".." is fine as text: an id never names a path.
+            if bad == ".." {
+                assert_eq!(validate_snapshot_id(bad), Ok(()));
+                continue;
+            }
+            let err = validate_snapshot_id(bad).unwrap_err();
+            assert!(err.contains("accepted"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use crate::{Manager, RuntimeConfig};
 
-/// A temporary state directory on the artifacts of `scripts/setup`.
+/// A temporary state directory on the artifacts of `scripts/setup`, with
+/// its own temporary RAM directory (on `/dev/shm` when there is one).
 pub struct VmTestEnv {
     pub config: RuntimeConfig,
     _state: tempfile::TempDir,
+    _ram: tempfile::TempDir,
 }
 
 impl VmTestEnv {
@@ -23,8 +25,14 @@ impl VmTestEnv {
             .prefix("arrakis-vm-")
             .tempdir()
             .expect("temp dir");
+        let ram = tempfile::Builder::new()
+            .prefix("arrakis-vm-ram-")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::Builder::new().prefix("arrakis-vm-ram-").tempdir())
+            .expect("temp RAM dir");
         let mut config = RuntimeConfig::from_env().expect("runtime config from the environment");
         config.state_dir = state.path().join("state");
+        config.ram_dir = Some(ram.path().to_path_buf());
         config.boot_timeout_secs = 120;
         let image = config
             .images_dir
@@ -47,6 +55,7 @@ impl VmTestEnv {
         VmTestEnv {
             config,
             _state: state,
+            _ram: ram,
         }
     }
 
@@ -58,6 +67,34 @@ impl VmTestEnv {
 
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.config.state_dir.join("sandboxes")
+    }
+
+    /// Disk layer files (`<state>/layers/*.qcow2`).
+    pub fn layers_dir(&self) -> PathBuf {
+        self.config.state_dir.join("layers")
+    }
+
+    /// Snapshot directories and their lock files.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.config.state_dir.join("snapshots")
+    }
+
+    pub fn ram_dir(&self) -> PathBuf {
+        self.config.resolved_ram_dir()
+    }
+
+    /// Names of the entries of `dir`, sorted (empty if it is missing).
+    pub fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 }
 

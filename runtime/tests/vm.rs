@@ -330,12 +330,18 @@ fn sandboxes_are_isolated_and_destroy_cleans_up() {
         marker.signal(9, true).await.unwrap();
         let _ = marker.next().await;
 
-        // Destroy leaves no process, socket, overlay or record behind.
+        // Destroy leaves no process, socket, disk, RAM file or record behind.
         let dir_a = env.sandboxes_dir().join(&a.id);
-        assert!(dir_a.join("overlay.qcow2").is_file());
+        assert!(dir_a.join("agent.sock").exists());
+        assert_eq!(TestEnv::entries(&env.layers_dir()).len(), 2);
+        let mut ram_files = vec![format!("{}.ram", a.id), format!("{}.ram", b.id)];
+        ram_files.sort();
+        assert_eq!(TestEnv::entries(&env.ram_dir()), ram_files);
         drop((agent_a, agent_b));
         manager.destroy("iso-a").await.unwrap();
         assert!(!dir_a.exists(), "sandbox dir survived destroy");
+        assert_eq!(TestEnv::entries(&env.layers_dir()).len(), 1);
+        assert_eq!(TestEnv::entries(&env.ram_dir()), [format!("{}.ram", b.id)]);
         assert!(qemu_pids_under(&dir_a).is_empty(), "QEMU survived destroy");
         assert!(!env.sandboxes_dir().join(format!("{}.lock", a.id)).exists());
         let err = manager.get("iso-a").await.unwrap_err();
@@ -445,6 +451,10 @@ fn sandboxes_survive_a_manager_restart_and_stop_start() {
         let stopped = manager.stop("durable").await.expect("stop");
         assert_eq!((stopped.state, stopped.pid), (SandboxState::Stopped, None));
         assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+        assert!(
+            TestEnv::entries(&env.ram_dir()).is_empty(),
+            "a stopped sandbox keeps no RAM file"
+        );
         let err = manager.agent("durable").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Conflict);
         let started = manager.start("durable").await.expect("start");
@@ -634,5 +644,365 @@ fn misbehaving_commands_do_not_take_the_agent_down() {
             "{before} processes before, {after} after"
         );
         manager.destroy("rogue").await.unwrap();
+    });
+}
+
+/// A counter that runs in the background after its exec returns: it
+/// rewrites `/root/counter` every 100 ms.
+const START_COUNTER: &str = "printf '#!/bin/sh\\ni=0\\nwhile :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done\\n' \
+     > /root/count.sh && chmod +x /root/count.sh && (setsid /root/count.sh >/dev/null 2>&1 &)";
+
+/// The counter's pid and value, twice, 1 s apart (it must have advanced).
+async fn counter_advances(agent: &AgentClient) -> bool {
+    let read = || async {
+        let (out, _, _) = sh(agent, "cat /root/counter").await;
+        out.trim().parse::<u64>().unwrap_or(0)
+    };
+    let first = read().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = read().await;
+    let (pids, _, _) = sh(agent, "pgrep -f count.sh").await;
+    first > 0 && second > first && !pids.trim().is_empty()
+}
+
+fn env_of(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Nothing of any sandbox or snapshot is left in the state directory.
+fn assert_all_gone(env: &TestEnv) {
+    assert!(qemu_pids_under(&env.sandboxes_dir()).is_empty());
+    for dir in [env.layers_dir(), env.snapshots_dir(), env.ram_dir()] {
+        let left = TestEnv::entries(&dir);
+        assert!(left.is_empty(), "{} still has {left:?}", dir.display());
+    }
+    let left = TestEnv::entries(&env.sandboxes_dir());
+    assert!(left.is_empty(), "sandboxes/ still has {left:?}");
+}
+
+#[test]
+fn a_restored_clone_runs_from_the_snapshot_instant() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager
+            .create(SandboxSpec {
+                env: env_of(&[("GREETING", "hi there")]),
+                ..SandboxSpec::named("origin")
+            })
+            .await
+            .expect("create");
+        let origin = manager.agent("origin").await.unwrap();
+        sh(
+            &origin,
+            "echo before > /root/note.txt; echo in-memory > /dev/shm/mem.txt",
+        )
+        .await;
+        let (_, err, code) = sh(&origin, START_COUNTER).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(counter_advances(&origin).await, "the counter does not run");
+
+        let snap = manager
+            .snapshot("origin", Some("first snap: ü".into()))
+            .await
+            .expect("snapshot");
+        assert_eq!(
+            (snap.id.as_str(), snap.sandbox.as_str(), snap.memory_mb),
+            ("first snap: ü", "origin", 256)
+        );
+        assert_eq!(snap.env, env_of(&[("GREETING", "hi there")]));
+        assert!(snap.size_bytes > 1 << 20, "{snap:?}");
+        assert_eq!(
+            manager.list_snapshots().await.unwrap(),
+            std::slice::from_ref(&snap)
+        );
+        // The original goes on, and moves on.
+        assert_eq!(
+            manager.get("origin").await.unwrap().state,
+            SandboxState::Running
+        );
+        sh(&origin, "echo after > /root/note.txt").await;
+
+        let clone = manager
+            .restore("first snap: ü", "clone 1")
+            .await
+            .expect("restore");
+        assert_eq!(clone.state, SandboxState::Running);
+        assert_eq!(clone.env, env_of(&[("GREETING", "hi there")]));
+        assert_eq!((clone.vcpus, clone.memory_mb), (1, 256));
+        let agent = manager.agent("clone 1").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/note.txt").await.0, "before\n");
+        assert_eq!(sh(&agent, "cat /dev/shm/mem.txt").await.0, "in-memory\n");
+        assert!(
+            counter_advances(&agent).await,
+            "the counter did not survive the restore"
+        );
+        // Its own hostname, and the host's time.
+        assert_eq!(agent.info().await.unwrap().hostname, "clone-1");
+        let (guest_now, _, _) = sh(&agent, "date +%s").await;
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let guest_now: u64 = guest_now.trim().parse().unwrap();
+        assert!(
+            guest_now.abs_diff(host_now) <= 5,
+            "guest clock {guest_now}, host {host_now}"
+        );
+        // The original is unaffected.
+        assert_eq!(sh(&origin, "cat /root/note.txt").await.0, "after\n");
+        assert_eq!(origin.info().await.unwrap().hostname, "origin");
+        assert!(counter_advances(&origin).await);
+        // Clones diverge from their original: they write to their own disk.
+        sh(&agent, "echo clone > /root/note.txt; sync").await;
+        assert_eq!(sh(&origin, "cat /root/note.txt").await.0, "after\n");
+
+        // A name in use is refused; the snapshot id too.
+        let err = manager
+            .restore("first snap: ü", "origin")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        let err = manager
+            .snapshot("origin", Some("first snap: ü".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        let err = manager.restore("no such snapshot", "x").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+        drop((agent, origin));
+        manager.destroy("clone 1").await.unwrap();
+        manager.destroy("origin").await.unwrap();
+        // The snapshot outlives its sandbox; deleting it leaves nothing.
+        assert_eq!(
+            manager.get_snapshot("first snap: ü").await.unwrap().id,
+            snap.id
+        );
+        manager.delete_snapshot("first snap: ü").await.unwrap();
+        assert!(manager.list_snapshots().await.unwrap().is_empty());
+        assert_all_gone(&env);
+    });
+}
+
+/// A paused sandbox stays paused (and can be snapshotted again); a
+/// restored sandbox can be snapshotted, restored, stopped and started.
+#[test]
+fn snapshots_of_paused_and_restored_sandboxes() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("base")).await.unwrap();
+        let base = manager.agent("base").await.unwrap();
+        sh(&base, "echo 1 > /root/generation").await;
+        manager.pause("base").await.unwrap();
+        manager
+            .snapshot("base", Some("paused".into()))
+            .await
+            .expect("snapshot of a paused sandbox");
+        assert_eq!(
+            manager.get("base").await.unwrap().state,
+            SandboxState::Paused
+        );
+        // QEMU refuses a second migration unless it was resumed in between.
+        manager
+            .snapshot("base", Some("paused again".into()))
+            .await
+            .expect("second snapshot of a paused sandbox");
+        assert_eq!(
+            manager.get("base").await.unwrap().state,
+            SandboxState::Paused
+        );
+        manager.resume("base").await.unwrap();
+        assert_eq!(sh(&base, "cat /root/generation").await.0, "1\n");
+        drop(base);
+        manager.delete_snapshot("paused again").await.unwrap();
+
+        let gen2 = manager.restore("paused", "gen2").await.expect("restore");
+        let agent = manager.agent("gen2").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/generation").await.0, "1\n");
+        sh(&agent, "echo 2 > /root/generation").await;
+        // Snapshot of a restored sandbox (the original Arrakis's issue #4).
+        manager
+            .snapshot("gen2", Some("from a clone".into()))
+            .await
+            .expect("snapshot of a restored sandbox");
+        assert_eq!(sh(&agent, "cat /root/generation").await.0, "2\n");
+        drop(agent);
+        // The chain does not depend on the sandboxes it came from.
+        manager.destroy("base").await.unwrap();
+        manager.destroy("gen2").await.unwrap();
+        assert!(!env.sandboxes_dir().join(&gen2.id).exists());
+
+        manager
+            .restore("from a clone", "gen3")
+            .await
+            .expect("restore");
+        let agent = manager.agent("gen3").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/generation").await.0, "2\n");
+        sh(&agent, "echo 3 > /root/generation").await;
+        drop(agent);
+        // Stop and start: a cold boot on the layered disk.
+        manager.stop("gen3").await.expect("stop");
+        let started = manager.start("gen3").await.expect("start");
+        assert_eq!(started.boot_count, 2);
+        let agent = manager.agent("gen3").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/generation").await.0, "3\n");
+        assert_eq!(agent.info().await.unwrap().hostname, "gen3");
+        drop(agent);
+        // And the cold-booted sandbox can be snapshotted and restored too.
+        manager
+            .snapshot("gen3", Some("after a cold boot".into()))
+            .await
+            .unwrap();
+        manager.restore("after a cold boot", "gen4").await.unwrap();
+        let agent = manager.agent("gen4").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/generation").await.0, "3\n");
+        drop(agent);
+
+        for name in ["gen3", "gen4"] {
+            manager.destroy(name).await.unwrap();
+        }
+        for id in ["paused", "from a clone", "after a cold boot"] {
+            manager.delete_snapshot(id).await.unwrap();
+        }
+        assert_all_gone(&env);
+    });
+}
+
+/// Deleting a snapshot while a sandbox restored from it runs: the sandbox
+/// keeps its disk (also across a cold boot); its layers go with it.
+#[test]
+fn deleting_a_snapshot_keeps_its_clones_working() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("src")).await.unwrap();
+        let agent = manager.agent("src").await.unwrap();
+        sh(&agent, "echo from-src > /root/origin.txt").await;
+        drop(agent);
+        manager.snapshot("src", Some("s".into())).await.unwrap();
+        manager.destroy("src").await.unwrap();
+
+        manager.restore("s", "child").await.expect("restore");
+        manager.delete_snapshot("s").await.expect("delete");
+        assert!(TestEnv::entries(&env.snapshots_dir()).is_empty());
+        // The child's own layer and the frozen one it stands on.
+        assert_eq!(TestEnv::entries(&env.layers_dir()).len(), 2);
+        let agent = manager.agent("child").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/origin.txt").await.0, "from-src\n");
+        sh(&agent, "echo more > /root/child.txt").await;
+        let (out, _, code) = sh(
+            &agent,
+            "dd if=/dev/urandom of=/root/big bs=1M count=8 2>&1 && sync && md5sum /root/big",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        drop(agent);
+        manager.stop("child").await.unwrap();
+        manager
+            .start("child")
+            .await
+            .expect("cold boot without the snapshot");
+        let agent = manager.agent("child").await.unwrap();
+        assert_eq!(
+            sh(&agent, "cat /root/origin.txt /root/child.txt").await.0,
+            "from-src\nmore\n"
+        );
+        let (sum, _, _) = sh(&agent, "md5sum /root/big").await;
+        assert_eq!(sum, out.lines().last().unwrap().to_string() + "\n");
+        drop(agent);
+        manager.destroy("child").await.unwrap();
+        assert_all_gone(&env);
+    });
+}
+
+#[test]
+fn the_sandbox_quota_counts_creates_and_restores() {
+    let mut env = TestEnv::new();
+    env.config.max_sandboxes = 1;
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("only")).await.unwrap();
+        let err = manager
+            .create(SandboxSpec::named("second"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+        assert!(
+            matches!(err, RuntimeError::QuotaExceeded { max: 1 }),
+            "{err:?}"
+        );
+        manager.snapshot("only", Some("q".into())).await.unwrap();
+        let err = manager.restore("q", "second").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+        assert_eq!(qemu_pids_under(&env.sandboxes_dir()).len(), 1);
+        // A stopped sandbox still counts.
+        manager.stop("only").await.unwrap();
+        let err = manager.restore("q", "second").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+        manager.destroy("only").await.unwrap();
+        manager
+            .restore("q", "second")
+            .await
+            .expect("restore within the quota");
+        manager.destroy("second").await.unwrap();
+        manager.delete_snapshot("q").await.unwrap();
+        assert_all_gone(&env);
+    });
+}
+
+/// Timings of a default-size sandbox under this host's accelerator, printed
+/// for the record (`--nocapture` shows them): cold create, snapshot, and
+/// restore until the agent answers.
+#[test]
+fn snapshot_and_restore_timings() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let started = std::time::Instant::now();
+        manager.create(SandboxSpec::named("timed")).await.unwrap();
+        let create = started.elapsed();
+        let agent = manager.agent("timed").await.unwrap();
+        sh(&agent, START_COUNTER).await;
+        drop(agent);
+        let (mut snaps, mut restores) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let started = std::time::Instant::now();
+            manager
+                .snapshot("timed", Some(format!("t{i}")))
+                .await
+                .unwrap();
+            snaps.push(ms(started.elapsed()));
+            let started = std::time::Instant::now();
+            manager
+                .restore(&format!("t{i}"), "timed clone")
+                .await
+                .unwrap();
+            restores.push(ms(started.elapsed()));
+            let agent = manager.agent("timed clone").await.unwrap();
+            assert!(counter_advances(&agent).await);
+            drop(agent);
+            manager.destroy("timed clone").await.unwrap();
+        }
+        let snap = manager.get_snapshot("t0").await.unwrap();
+        eprintln!(
+            "TIMINGS accel={:?} memory_mb={} create_ms={:.0} snapshot_ms={:?} restore_ms={:?} snapshot_size_mib={:.1}",
+            manager.accel().kind(),
+            snap.memory_mb,
+            ms(create),
+            snaps.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            restores.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            snap.size_bytes as f64 / (1 << 20) as f64,
+        );
+        manager.destroy("timed").await.unwrap();
+        for i in 0..3 {
+            manager.delete_snapshot(&format!("t{i}")).await.unwrap();
+        }
+        assert_all_gone(&env);
     });
 }

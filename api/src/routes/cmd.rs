@@ -1,13 +1,14 @@
 //! `POST /vms/{name}/cmd`: a shell command, run by `bash -c` in the
-//! sandbox, with no time limit.
+//! sandbox; no time limit unless the request sets `timeoutSecs`.
 
 use arrakis_protocol::{Command, ExecRequest};
-use arrakis_runtime::{AgentClient, AgentError, ExecEvent, RuntimeError};
+use arrakis_runtime::{AgentClient, AgentError, ExecEvent};
 use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
 use crate::extract::{JsonBody, VmName};
+use crate::wire::exec::timeout_ms;
 use crate::wire::{exit_error, CmdRequest, CmdResponse, ErrorBody, WORK_DIR};
 use crate::AppState;
 
@@ -36,32 +37,27 @@ pub(crate) async fn run(
     JsonBody(request): JsonBody<CmdRequest>,
 ) -> Result<Json<CmdResponse>, ApiError> {
     request.validate()?;
-    let agent = state.manager.agent(&name).await?;
-    let in_vm = |source: AgentError| {
-        ApiError::from(RuntimeError::Agent {
-            name: name.clone(),
-            source,
-        })
-    };
-    agent.mkdir(WORK_DIR, true, None).await.map_err(in_vm)?;
-    if request.blocking {
-        run_blocking(&agent, &request.cmd).await.map_err(in_vm)
-    } else {
-        start_background(&agent, &request.cmd).await.map_err(in_vm)
-    }
-    .map(Json)
-}
-
-fn exec_request(cmd: &str) -> ExecRequest {
-    ExecRequest {
-        command: Command::Shell(cmd.to_string()),
+    let exec = ExecRequest {
+        command: Command::Shell(request.cmd.clone()),
+        env: super::sandbox_env(&state, &name).await?,
         cwd: Some(WORK_DIR.to_string()),
+        timeout_ms: timeout_ms(request.timeout_secs)?,
         ..ExecRequest::default()
+    };
+    let agent = state.manager.agent(&name).await?;
+    let result = match agent.mkdir(WORK_DIR, true, None).await {
+        Err(e) => Err(e),
+        Ok(()) if request.blocking => run_blocking(&agent, exec).await,
+        Ok(()) => start_background(&agent, exec, &request.cmd).await,
+    };
+    match result {
+        Ok(reply) => Ok(Json(reply)),
+        Err(source) => Err(super::agent_failure(&state, &name, source).await),
     }
 }
 
-async fn run_blocking(agent: &AgentClient, cmd: &str) -> Result<CmdResponse, AgentError> {
-    let mut session = agent.exec_stream(exec_request(cmd)).await?;
+async fn run_blocking(agent: &AgentClient, exec: ExecRequest) -> Result<CmdResponse, AgentError> {
+    let mut session = agent.exec_stream(exec).await?;
     let mut output = Vec::new();
     let mut truncated = false;
     let status = loop {
@@ -91,8 +87,12 @@ async fn run_blocking(agent: &AgentClient, cmd: &str) -> Result<CmdResponse, Age
 
 /// Starts the command and leaves a task that drains its output until it
 /// exits (dropping the session would kill it).
-async fn start_background(agent: &AgentClient, cmd: &str) -> Result<CmdResponse, AgentError> {
-    let mut session = agent.exec_stream(exec_request(cmd)).await?;
+async fn start_background(
+    agent: &AgentClient,
+    exec: ExecRequest,
+    cmd: &str,
+) -> Result<CmdResponse, AgentError> {
+    let mut session = agent.exec_stream(exec).await?;
     tokio::spawn(async move {
         loop {
             match session.next().await {

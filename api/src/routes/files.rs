@@ -7,6 +7,7 @@ use arrakis_protocol::FileKind;
 use arrakis_runtime::agent::error_chain;
 use arrakis_runtime::{AgentClient, RuntimeError, WriteOptions};
 use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
 use axum::Json;
 
 use crate::error::ApiError;
@@ -60,8 +61,14 @@ pub(crate) async fn upload(
                     name: name.clone(),
                     source,
                 });
+                // The guest refused this path: not a missing VM (404) or a
+                // VM state (409), but a file this request cannot write.
+                let status = match error.status.as_u16() {
+                    403 | 404 | 409 => StatusCode::UNPROCESSABLE_ENTITY,
+                    _ => error.status,
+                };
                 ApiError::new(
-                    error.status,
+                    status,
                     format!("files[{i}] ({:?}): {}", file.path, error.message),
                 )
             })?;
@@ -77,7 +84,7 @@ pub(crate) async fn upload(
     tag = "files",
     params(
         ("name" = String, Path, description = "The VM name"),
-        ("paths" = String, Query, description = "Comma-separated file paths"),
+        ("paths" = String, Query, min_length = 1, description = "Comma-separated file paths"),
     ),
     responses(
         (status = 200, body = DownloadResponse),
@@ -115,8 +122,10 @@ pub(crate) async fn download(
 
 async fn read_text(agent: &AgentClient, path: &str) -> Result<String, String> {
     let stat = agent.stat(path).await.map_err(|e| error_chain(&e))?;
-    if stat.kind == FileKind::Dir {
-        return Err(format!("{path} is a directory"));
+    match stat.kind {
+        FileKind::Dir => return Err(format!("{path} is a directory")),
+        FileKind::Other => return Err(format!("{path} is not a regular file")),
+        FileKind::File | FileKind::Symlink => {}
     }
     if stat.size > MAX_DOWNLOAD_BYTES {
         return Err(format!(
@@ -124,10 +133,60 @@ async fn read_text(agent: &AgentClient, path: &str) -> Result<String, String> {
             stat.size
         ));
     }
-    let mut content = Vec::with_capacity(stat.size as usize);
-    agent
-        .read_file(path, &mut content)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    Ok(String::from_utf8_lossy(&content).into_owned())
+    // The size stat reports is 0 for /proc files: the read is capped too.
+    let mut content = Capped::new(MAX_DOWNLOAD_BYTES);
+    match agent.read_file(path, &mut content).await {
+        Ok(_) => Ok(String::from_utf8_lossy(&content.bytes).into_owned()),
+        Err(_) if content.overflowed => Err(format!(
+            "{path} is larger than {MAX_DOWNLOAD_BYTES} bytes, the download limit"
+        )),
+        Err(e) => Err(error_chain(&e)),
+    }
+}
+
+/// Collects at most `limit` bytes; a write past it fails, which ends the
+/// read.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: u64,
+    overflowed: bool,
+}
+
+impl Capped {
+    fn new(limit: u64) -> Capped {
+        Capped {
+            bytes: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.bytes.len() as u64 + buf.len() as u64 > self.limit {
+            self.overflowed = true;
+            return std::task::Poll::Ready(Err(std::io::Error::other("download limit reached")));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }

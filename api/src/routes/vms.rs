@@ -1,19 +1,21 @@
 //! The VM resource: start (or restart), list, get, change state, destroy.
 
-use arrakis_runtime::{ErrorKind, SandboxSpec, SandboxState};
+use arrakis_runtime::{ErrorKind, SandboxState};
 use axum::extract::State;
 use axum::Json;
 
 use super::detached;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, VmName};
+use crate::metrics::Operation;
 use crate::wire::{
     ErrorBody, StartCommand, StartVmRequest, StateChange, Success, UpdateStateRequest, Vm, VmList,
 };
 use crate::AppState;
 
-/// Starts a new VM, or boots a stopped one with the same name again.
-/// Returns once commands can run in it.
+/// Starts a new VM, boots a stopped one with the same name again, or (with
+/// `snapshotId`) restores a snapshot as a new VM named `vmName`. Returns
+/// once commands can run in it.
 #[utoipa::path(
     post,
     path = "/vms",
@@ -22,9 +24,11 @@ use crate::AppState;
     responses(
         (status = 200, body = Vm),
         (status = 400, body = ErrorBody, description = "Not JSON, or no vmName"),
-        (status = 409, body = ErrorBody, description = "A VM with this name is running or paused"),
-        (status = 422, body = ErrorBody, description = "kernel, initramfs or rootfs given"),
-        (status = 501, body = ErrorBody, description = "snapshotId given"),
+        (status = 409, body = ErrorBody, description = "A VM with this name is running or paused, \
+            or a requested host port is in use"),
+        (status = 404, body = ErrorBody, description = "No snapshot with this snapshotId"),
+        (status = 422, body = ErrorBody, description = "kernel, initramfs or rootfs given; or sizes with snapshotId"),
+        (status = 429, body = ErrorBody, description = "The server's sandbox limit is reached"),
         (status = 500, body = ErrorBody),
     )
 )]
@@ -32,23 +36,63 @@ pub(crate) async fn start(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<StartVmRequest>,
 ) -> Result<Json<Vm>, ApiError> {
-    let StartCommand::Start { name } = request.parse()?;
-    let manager = state.manager;
-    let info = detached(async move {
-        let info = match manager.get(&name).await {
+    let (spec, port_forwards) = match request.parse()? {
+        StartCommand::Start {
+            spec,
+            port_forwards,
+        } => (spec, port_forwards),
+        StartCommand::Restore { name, snapshot_id } => {
+            let manager = state.manager.clone();
+            let started = std::time::Instant::now();
+            let info =
+                detached(async move { Ok(manager.restore(&snapshot_id, &name).await?) }).await?;
+            state
+                .metrics
+                .operation(Operation::Restore, started.elapsed());
+            return Ok(Json(vm_of(&state, &info)));
+        }
+    };
+    let name = spec.name.clone();
+    let manager = state.manager.clone();
+    let started = std::time::Instant::now();
+    let (info, created) = detached(async move {
+        let name = spec.name.clone();
+        match manager.get(&name).await {
             Ok(info) if matches!(info.state, SandboxState::Stopped | SandboxState::Crashed) => {
-                manager.start(&name).await?
+                Ok((manager.start(&name).await?, false))
             }
-            Ok(_) => manager.create(SandboxSpec::named(&name)).await?,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                manager.create(SandboxSpec::named(&name)).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(info)
+            Ok(_) => Ok((manager.create(spec).await?, true)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok((manager.create(spec).await?, true)),
+            Err(e) => Err(e.into()),
+        }
     })
     .await?;
-    Ok(Json(Vm::from(&info)))
+    if !port_forwards.is_empty() {
+        // A restart's request replaces the forwards it had.
+        state.forwards.close(&name).await;
+        if let Err(error) = state
+            .forwards
+            .open(&state.manager, &name, &port_forwards)
+            .await
+        {
+            if created {
+                // All or nothing: no VM is left behind by a refused request.
+                if let Err(e) = state.manager.destroy(&name).await {
+                    tracing::warn!(name, error = %e.chain(), "cannot remove the new VM");
+                }
+            }
+            return Err(error);
+        }
+    }
+    state.metrics.operation(Operation::Boot, started.elapsed());
+    Ok(Json(vm_of(&state, &info)))
+}
+
+/// The wire object of a VM, with its port forwards.
+fn vm_of(state: &AppState, info: &arrakis_runtime::SandboxInfo) -> Vm {
+    let mut vm = Vm::from(info);
+    vm.port_forwards = state.forwards.list(&info.name);
+    vm
 }
 
 /// Every VM.
@@ -61,7 +105,7 @@ pub(crate) async fn start(
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<VmList>, ApiError> {
     let infos = state.manager.list().await?;
     Ok(Json(VmList {
-        vms: infos.iter().map(Vm::from).collect(),
+        vms: infos.iter().map(|info| vm_of(&state, info)).collect(),
     }))
 }
 
@@ -74,12 +118,15 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<VmList>, 
 )]
 pub(crate) async fn destroy_all(State(state): State<AppState>) -> Result<Json<Success>, ApiError> {
     let manager = state.manager;
+    let forwards = state.forwards;
     detached(async move {
         let infos = manager.list().await?;
         let mut failures = Vec::new();
         for info in &infos {
             match manager.destroy(&info.name).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    forwards.close(&info.name).await;
+                }
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => failures.push(format!("{:?}: {}", info.name, e.chain())),
             }
@@ -116,7 +163,7 @@ pub(crate) async fn get(
     VmName(name): VmName,
 ) -> Result<Json<Vm>, ApiError> {
     let info = state.manager.get(&name).await?;
-    Ok(Json(Vm::from(&info)))
+    Ok(Json(vm_of(&state, &info)))
 }
 
 /// Stops (`stopped`: powers off, can be started again with `POST /vms`),
@@ -171,6 +218,12 @@ pub(crate) async fn destroy(
     VmName(name): VmName,
 ) -> Result<Json<Success>, ApiError> {
     let manager = state.manager;
-    detached(async move { Ok(manager.destroy(&name).await?) }).await?;
+    let forwards = state.forwards;
+    detached(async move {
+        manager.destroy(&name).await?;
+        forwards.close(&name).await;
+        Ok(())
+    })
+    .await?;
     Ok(Json(Success::TRUE))
 }

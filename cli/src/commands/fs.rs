@@ -1,66 +1,34 @@
 //! fs: list, stat, mkdir, rm and chmod inside a sandbox.
 
-use arrakis_protocol::{FileKind, FileStat};
-use arrakis_runtime::Manager;
-
+use crate::backend::Backend;
 use crate::cli::FsVerb;
+use crate::output;
 
-pub async fn run(manager: &Manager, verb: FsVerb, json: bool) -> anyhow::Result<u8> {
+pub async fn run(backend: &Backend, verb: FsVerb, json: bool) -> anyhow::Result<u8> {
     match verb {
         FsVerb::Ls { name, path } => {
-            let entries = manager.agent(&name).await?.list(&path).await?;
-            print_stats(&entries, json)?;
+            let listing = backend.list_dir(&name, &path).await?;
+            output::entries(&listing.entries, json)?;
         }
         FsVerb::Stat { name, path } => {
-            let stat = manager.agent(&name).await?.stat(&path).await?;
-            print_stats(std::slice::from_ref(&stat), json)?;
+            let entry = backend.stat(&name, &path).await?;
+            if json {
+                output::json(&entry)?;
+            } else {
+                output::entries(std::slice::from_ref(&entry), false)?;
+            }
         }
         FsVerb::Mkdir {
             name,
             path,
             parents,
-        } => {
-            manager
-                .agent(&name)
-                .await?
-                .mkdir(&path, parents, None)
-                .await?;
-        }
+        } => backend.mkdir(&name, &path, parents).await?,
         FsVerb::Rm {
             name,
             path,
             recursive,
-        } => {
-            manager.agent(&name).await?.remove(&path, recursive).await?;
-        }
-        FsVerb::Chmod { name, mode, path } => {
-            manager.agent(&name).await?.chmod(&path, mode).await?;
-        }
+        } => backend.remove(&name, &path, recursive).await?,
+        FsVerb::Chmod { name, mode, path } => backend.chmod(&name, &path, mode).await?,
     }
     Ok(0)
-}
-
-fn print_stats(stats: &[FileStat], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(stats)?);
-        return Ok(());
-    }
-    for stat in stats {
-        let kind = match stat.kind {
-            FileKind::File => '-',
-            FileKind::Dir => 'd',
-            FileKind::Symlink => 'l',
-            FileKind::Other => '?',
-        };
-        let target = stat
-            .link_target
-            .as_ref()
-            .map(|t| format!(" -> {t}"))
-            .unwrap_or_default();
-        println!(
-            "{kind}{:04o} {:>5} {:>5} {:>12} {}{target}",
-            stat.mode, stat.uid, stat.gid, stat.size, stat.name
-        );
-    }
-    Ok(())
 }

@@ -1,6 +1,6 @@
-//! One module per verb. Each takes parsed arguments and a [`Manager`]; none
-//! knows about another front end. When the CLI becomes a client of the HTTP
-//! API, only the `Manager` calls here change.
+//! One module per group of verbs. Each takes parsed arguments and a
+//! [`Backend`]: the same code runs on this machine's sandboxes (embedded)
+//! and against an arrakis server (`--server`).
 
 mod cp;
 mod exec;
@@ -9,33 +9,60 @@ mod lifecycle;
 mod serve;
 
 use anyhow::Context;
-use arrakis_runtime::{Manager, RuntimeConfig};
+use arrakis_runtime::RuntimeConfig;
 
+use crate::backend::{Backend, Change};
 use crate::cli::{Args, Verb};
 
 /// Runs one command; returns the process exit code.
 pub async fn run(args: Args) -> anyhow::Result<u8> {
-    let mut config = RuntimeConfig::from_env().context("reading the environment")?;
-    if let Some(dir) = &args.state_dir {
-        config.state_dir = dir.clone();
-    }
-    let manager = Manager::open(config)
-        .await
-        .context("opening the sandbox state")?;
     let json = args.json;
     match args.command {
-        Verb::Create(create) => lifecycle::create(&manager, create, json).await,
-        Verb::Run(run) => exec::run(&manager, run).await,
-        Verb::Exec(exec) => exec::exec(&manager, &exec.name, &exec.command).await,
-        Verb::Cp(cp) => cp::copy(&manager, cp).await,
-        Verb::Fs(verb) => fs::run(&manager, verb, json).await,
-        Verb::List => lifecycle::list(&manager, json).await,
-        Verb::Get { name } => lifecycle::show(manager.get(&name).await?, json),
-        Verb::Start { name } => lifecycle::show(manager.start(&name).await?, json),
-        Verb::Stop { name } => lifecycle::show(manager.stop(&name).await?, json),
-        Verb::Pause { name } => lifecycle::show(manager.pause(&name).await?, json),
-        Verb::Resume { name } => lifecycle::show(manager.resume(&name).await?, json),
-        Verb::Destroy { name } => lifecycle::destroy(&manager, &name).await,
-        Verb::Serve(serve) => serve::serve(manager, serve).await,
+        Verb::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Args::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "arrakis", &mut script);
+            crate::output::print(&String::from_utf8_lossy(&script))?;
+            return Ok(0);
+        }
+        Verb::Serve(serve) => {
+            // The server runs the sandboxes itself, whatever --server says.
+            let mut config = RuntimeConfig::from_env().context("reading the environment")?;
+            if let Some(dir) = &args.state_dir {
+                config.state_dir = dir.clone();
+            }
+            return serve::serve(config, args.state_dir.as_deref(), serve).await;
+        }
+        _ => {}
+    }
+    let backend = Backend::open(
+        args.server.as_deref(),
+        args.token.as_deref(),
+        args.state_dir.as_deref(),
+    )
+    .await?;
+    let backend = &backend;
+    match args.command {
+        Verb::Create(create) => lifecycle::create(backend, create, json).await,
+        Verb::Start(start) => lifecycle::start(backend, start, json).await,
+        Verb::Run(run) => exec::run(backend, run).await,
+        Verb::Exec(exec) => exec::exec(backend, exec).await,
+        Verb::Cp(cp) => cp::copy(backend, cp).await,
+        Verb::Upload(upload) => cp::upload_pairs(backend, upload).await,
+        Verb::Download(download) => cp::download_paths(backend, download).await,
+        Verb::Fs(verb) => fs::run(backend, verb, json).await,
+        Verb::List(list) => lifecycle::list(backend, list.name(), json).await,
+        Verb::ListAll => lifecycle::list(backend, None, json).await,
+        Verb::Get(name) => lifecycle::get(backend, name.get(), json).await,
+        Verb::Stop(name) => lifecycle::change(backend, name.get(), Change::Stop, json).await,
+        Verb::Pause(name) => lifecycle::change(backend, name.get(), Change::Pause, json).await,
+        Verb::Resume(name) => lifecycle::change(backend, name.get(), Change::Resume, json).await,
+        Verb::Destroy(name) => lifecycle::destroy(backend, name.get()).await,
+        Verb::DestroyAll => lifecycle::destroy_all(backend).await,
+        Verb::Snapshot(snapshot) => lifecycle::snapshot(backend, snapshot, json).await,
+        Verb::Restore(restore) => lifecycle::restore(backend, restore, json).await,
+        Verb::Snapshots(snapshots) => lifecycle::snapshots(backend, snapshots, json).await,
+        Verb::Completions { .. } | Verb::Serve(_) => unreachable!("handled above"),
     }
 }

@@ -320,3 +320,27 @@ fn chmod_sets_exact_bits() {
         Some(io::ErrorKind::NotFound)
     );
 }
+
+#[tokio::test]
+async fn writes_never_replace_devices_or_fifos() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let err = write(&fifo, b"x", WriteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FileError::NotRegular { .. }), "{err}");
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let link = dir.path().join("to-null");
+    symlink("/dev/null", &link).unwrap();
+    let err = write(&link, b"x", WriteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FileError::NotRegular { .. }), "{err}");
+}

@@ -2,10 +2,14 @@
 //! (validate -> reserve -> provision disk -> boot), start, stop,
 //! pause/resume, destroy (teardown).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::{create_private_dir, lock_error, Manager, SandboxInfo};
+use super::{
+    create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
+    SandboxInfo,
+};
 use crate::agent::AgentClient;
 use crate::error::RuntimeError;
 use crate::layout::ID_HEX_LEN;
@@ -13,8 +17,8 @@ use crate::lock::SandboxLock;
 use crate::process;
 use crate::sandbox::{Operation, SandboxState};
 use crate::spec::{self, SandboxSpec};
-use crate::store::{SandboxRecord, StoreError};
-use crate::vmm::qemu::{self, create_overlay};
+use crate::store::{NewLayer, SandboxRecord};
+use crate::vmm::qemu::{self, create_overlay, Backing};
 use crate::vmm::{VmHandle, VmSpec, VmStatus};
 
 /// Console lines quoted in a boot error.
@@ -34,12 +38,14 @@ impl Manager {
             .ok_or_else(|| RuntimeError::Busy {
                 name: record.name.clone(),
             })?;
-        if let Err(error) = self.inner.store.insert(&record) {
+        let layer = NewLayer {
+            id: record.disk_layer.clone().unwrap_or_default(),
+            parent: None,
+        };
+        let max = self.inner.config.max_sandboxes;
+        if let Err(error) = self.inner.store.insert(&record, Some(&layer), max) {
             remove_file_if_exists(&lock_path);
-            return Err(match error {
-                StoreError::Duplicate { name } => RuntimeError::AlreadyExists { name },
-                other => other.into(),
-            });
+            return Err(insert_error(error));
         }
         tracing::info!(id = %record.id, vcpus = record.vcpus, memory_mb = record.memory_mb, image = %record.image, "creating sandbox");
         let mut record = record;
@@ -104,11 +110,10 @@ impl Manager {
             state: SandboxState::Creating,
             pid: None,
             accel: self.inner.accel.kind(),
-            created_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_at: now_secs(),
             boot_count: 0,
+            env: resolved.env,
+            disk_layer: Some(new_id()?),
         })
     }
 
@@ -128,14 +133,14 @@ impl Manager {
         names
     }
 
-    /// The sandbox directory and its disk overlay.
+    /// The sandbox directory and its disk: a root layer over the base image.
     async fn provision(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
         let dir = self.inner.layout.sandbox_dir(&record.id);
         create_private_dir(dir.path())?;
         create_overlay(
             &self.inner.config.qemu_img_binary,
-            &record.image_path,
-            &dir.overlay(),
+            Backing::Raw(&record.image_path),
+            &self.disk_path(record),
         )
         .await
         .map_err(|source| RuntimeError::Vmm {
@@ -144,12 +149,14 @@ impl Manager {
         })
     }
 
-    fn vm_spec(&self, record: &SandboxRecord) -> VmSpec {
+    pub(super) fn vm_spec(&self, record: &SandboxRecord) -> VmSpec {
         let config = &self.inner.config;
         let dir = self.inner.layout.sandbox_dir(&record.id);
         VmSpec {
             hostname: spec::hostname_for(&record.name),
-            disk: dir.overlay(),
+            disk: self.disk_path(record),
+            ram_file: self.inner.layout.ram_file(&record.id),
+            incoming: false,
             dir,
             vcpus: record.vcpus,
             memory_mb: record.memory_mb,
@@ -165,6 +172,16 @@ impl Manager {
     /// and the record keeps its state (the caller decides what follows).
     async fn boot(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
         let running = self.check(record, Operation::Booted)?;
+        // An empty RAM file: QEMU sizes it, and the guest starts from zeros.
+        self.prepare_ram(&record.id, |ram| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(ram)
+                .map(drop)
+        })?;
         let vm = self
             .inner
             .vmm
@@ -201,6 +218,7 @@ impl Manager {
             }
             Err(reason) => {
                 let _ = self.inner.vmm.kill(&vm).await;
+                self.release_ram(&record.id);
                 Err(RuntimeError::Boot {
                     name: record.name.clone(),
                     reason,
@@ -210,7 +228,7 @@ impl Manager {
         }
     }
 
-    async fn agent_version(&self, id: &str) -> String {
+    pub(super) async fn agent_version(&self, id: &str) -> String {
         let slot = self.agent_slot(id);
         let guard = slot.lock().await;
         guard
@@ -222,11 +240,12 @@ impl Manager {
     pub(super) async fn start_inner(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
         let (_lock, mut record) = self.lock(name).await?;
         let starting = self.check(&record, Operation::Start)?;
-        let overlay = self.inner.layout.sandbox_dir(&record.id).overlay();
-        if !overlay.is_file() {
+        self.move_legacy_disk(&mut record)?;
+        let disk = self.disk_path(&record);
+        if !disk.is_file() {
             return Err(RuntimeError::Io {
                 op: "find the disk of",
-                path: overlay,
+                path: disk,
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
@@ -244,6 +263,36 @@ impl Manager {
         Ok(self.info(&record))
     }
 
+    /// A sandbox made before disk layers existed has its disk in its own
+    /// directory; a stopped one moves it into `layers/` (a rename: the file
+    /// is backed by the base image by absolute path, which stays valid), so
+    /// it can be snapshotted once running again. The record is written
+    /// first: a layer file without a row would be swept away, while a row
+    /// without its file is finished here on the next start.
+    fn move_legacy_disk(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
+        let legacy = self.inner.layout.sandbox_dir(&record.id).legacy_overlay();
+        if record.disk_layer.is_none() {
+            if !legacy.is_file() {
+                return Ok(());
+            }
+            let layer = new_id()?;
+            self.inner
+                .store
+                .adopt_layer(&record.name, &record.id, &layer)?;
+            record.disk_layer = Some(layer);
+        }
+        let target = self.disk_path(record);
+        if !target.exists() && legacy.is_file() {
+            tracing::info!(to = %target.display(), "moving the disk of an older sandbox into layers/");
+            std::fs::rename(&legacy, &target).map_err(|source| RuntimeError::Io {
+                op: "move",
+                path: legacy,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn stop_inner(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
         let (_lock, mut record) = self.lock(name).await?;
         let stopping = self.check(&record, Operation::Stop)?;
@@ -256,6 +305,7 @@ impl Manager {
             self.power_off(&record, &vm, was_paused).await?;
         }
         self.forget_agent(&record.id);
+        self.release_ram(&record.id);
         let stopped = self.check(&record, Operation::Halted)?;
         self.inner
             .store
@@ -361,7 +411,7 @@ impl Manager {
     }
 
     /// Records that QEMU died under a running sandbox.
-    fn mark_died(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
+    pub(super) fn mark_died(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
         let crashed = self.check(record, Operation::Died)?;
         self.inner
             .store
@@ -369,6 +419,7 @@ impl Manager {
         record.state = crashed;
         record.pid = None;
         self.forget_agent(&record.id);
+        self.release_ram(&record.id);
         tracing::warn!("QEMU exited unexpectedly; sandbox marked {crashed}");
         Ok(())
     }
@@ -400,9 +451,10 @@ impl Manager {
             })
     }
 
-    /// Kills QEMU if it runs, then removes the directory, the record and the
-    /// lock file, in that order, so an interrupted teardown can be resumed.
-    /// The caller holds the lock.
+    /// Kills QEMU if it runs, then removes the RAM file, the directory, the
+    /// record (with the disk layers nothing else uses) and the lock file, in
+    /// that order, so an interrupted teardown can be resumed. The caller
+    /// holds the lock.
     pub(super) async fn teardown(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
         self.forget_agent(&record.id);
         let dir = self.inner.layout.sandbox_dir(&record.id);
@@ -415,6 +467,7 @@ impl Manager {
                 self.kill_vm(record, &vm).await?;
             }
         }
+        self.release_ram(&record.id);
         match std::fs::remove_dir_all(dir.path()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -426,13 +479,14 @@ impl Manager {
                 })
             }
         }
-        self.inner.store.delete(&record.name, &record.id)?;
+        let dead = self.inner.store.delete(&record.name, &record.id)?;
+        self.remove_layers(&dead);
         remove_file_if_exists(&self.inner.layout.lock_file(&record.id));
         Ok(())
     }
 }
 
-fn require_file(what: &'static str, path: &Path) -> Result<(), RuntimeError> {
+pub(super) fn require_file(what: &'static str, path: &Path) -> Result<(), RuntimeError> {
     if path.is_file() {
         Ok(())
     } else {
@@ -449,18 +503,16 @@ pub(super) fn pid_from_file(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn remove_file_if_exists(path: &Path) {
-    if let Err(error) = std::fs::remove_file(path) {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), %error, "cannot remove file");
-        }
-    }
+/// A fresh random id (sandboxes, layers, snapshot directories).
+pub(super) fn new_id() -> Result<String, RuntimeError> {
+    let bytes = random_bytes(ID_HEX_LEN / 2)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A fresh random sandbox id.
-fn new_id() -> Result<String, RuntimeError> {
+/// `len` bytes from the kernel's CSPRNG.
+pub(super) fn random_bytes(len: usize) -> Result<Vec<u8>, RuntimeError> {
     let path = PathBuf::from("/dev/urandom");
-    let mut bytes = [0u8; ID_HEX_LEN / 2];
+    let mut bytes = vec![0u8; len];
     std::io::Read::read_exact(
         &mut std::fs::File::open(&path).map_err(|source| RuntimeError::Io {
             op: "open",
@@ -474,5 +526,5 @@ fn new_id() -> Result<String, RuntimeError> {
         path,
         source,
     })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
 }

@@ -11,12 +11,17 @@
 //! [`Manager::open`] reconciles records with reality first (see
 //! [`reconcile`]). The manager is `Clone + Send + Sync`; no std mutex is
 //! held across an `.await`.
+//!
+//! Snapshots and restores live in [`snapshot`]; the sandbox quota
+//! (`max_sandboxes`) is checked in the same store transaction that inserts
+//! a new record.
 
 mod lifecycle;
 mod reconcile;
+mod snapshot;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,9 +36,11 @@ use crate::layout::StateLayout;
 use crate::lock::{LockError, SandboxLock};
 use crate::sandbox::{Operation, SandboxState};
 use crate::spec::SandboxSpec;
-use crate::store::{SandboxRecord, Store};
+use crate::store::{SandboxRecord, Store, StoreError};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{VmHandle, Vmm};
+
+pub use snapshot::SnapshotInfo;
 
 /// Handshake bound when connecting to the agent of a running sandbox.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +62,8 @@ pub struct SandboxInfo {
     pub boot_count: u32,
     /// The guest serial console of the current (or last) boot.
     pub console_log: PathBuf,
+    /// Environment for every exec in the sandbox (front ends apply it).
+    pub env: BTreeMap<String, String>,
 }
 
 /// The agent session of one sandbox, connected on first use.
@@ -95,9 +104,16 @@ impl Manager {
                 message: e.to_string(),
             }
         })?;
-        let layout = StateLayout::new(&config.state_dir);
+        let layout = StateLayout::new(&config.state_dir).with_ram_dir(&config.resolved_ram_dir());
         create_private_dir(layout.root())?;
-        create_private_dir(&layout.sandboxes_dir())?;
+        // The RAM directory is made on demand (see `Manager::prepare_ram`).
+        for dir in [
+            layout.sandboxes_dir(),
+            layout.layers_dir(),
+            layout.snapshots_dir(),
+        ] {
+            create_private_dir(&dir)?;
+        }
         let store = Store::open(&layout.database())?;
         let manager = Manager {
             inner: Arc::new(Inner {
@@ -153,8 +169,54 @@ impl Manager {
     }
 
     /// Kills the VM if it runs and removes the sandbox's files and record.
+    /// Disk layers its snapshots or restored sandboxes stand on stay.
     pub async fn destroy(&self, name: &str) -> Result<(), RuntimeError> {
         self.destroy_inner(name).instrument(span(name)).await
+    }
+
+    /// Snapshots a running or paused sandbox (memory, devices and disk at
+    /// one instant), which stays as it was. `id`: the snapshot's id, unique
+    /// in this state directory (see [`crate::spec::validate_snapshot_id`]);
+    /// `None` generates `snap-<random hex>`.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        id: Option<String>,
+    ) -> Result<SnapshotInfo, RuntimeError> {
+        self.snapshot_inner(name, id).instrument(span(name)).await
+    }
+
+    /// Every complete snapshot, oldest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, RuntimeError> {
+        self.list_snapshots_inner()
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<SnapshotInfo, RuntimeError> {
+        self.get_snapshot_inner(id)
+    }
+
+    /// Deletes a snapshot's files and record. Sandboxes restored from it
+    /// keep working: the disk layers they stand on stay until the last of
+    /// them is destroyed.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), RuntimeError> {
+        self.delete_snapshot_inner(id)
+            .instrument(tracing::info_span!("snapshot", id = %id))
+            .await
+    }
+
+    /// Starts a new sandbox `new_name` from a snapshot, running from the
+    /// instant the snapshot was taken (processes, memory, disk), with the
+    /// snapshot's vCPUs, memory, image and environment; returns once its
+    /// agent answers and the clone has its own hostname, clock and entropy.
+    /// `AlreadyExists` if the name is taken.
+    pub async fn restore(
+        &self,
+        snapshot_id: &str,
+        new_name: &str,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        self.restore_inner(snapshot_id, new_name)
+            .instrument(span(new_name))
+            .await
     }
 
     /// One sandbox, with its liveness refreshed.
@@ -256,6 +318,60 @@ impl Manager {
             accel: record.accel,
             boot_count: record.boot_count,
             console_log: self.inner.layout.sandbox_dir(&record.id).console_log(),
+            env: record.env.clone(),
+        }
+    }
+
+    /// The file the sandbox's disk is written to.
+    fn disk_path(&self, record: &SandboxRecord) -> PathBuf {
+        match &record.disk_layer {
+            Some(layer) => self.inner.layout.layer_file(layer),
+            None => self.inner.layout.sandbox_dir(&record.id).legacy_overlay(),
+        }
+    }
+
+    /// Removes the RAM file of a sandbox whose VM is gone, and the RAM
+    /// directory if that was the last file in it, so state directories
+    /// without running VMs leave nothing on `/dev/shm`.
+    fn release_ram(&self, id: &str) {
+        remove_file_if_exists(&self.inner.layout.ram_file(id));
+        let _ = std::fs::remove_dir(self.inner.layout.ram_dir());
+    }
+
+    /// Makes the RAM directory and runs `fill` to create the RAM file of
+    /// sandbox `id` in it. Another manager may remove the directory when it
+    /// is empty ([`Manager::release_ram`]) between the two steps; the file
+    /// then cannot be created (`NotFound`) and both are tried again. Once
+    /// the file exists the directory is not empty and stays.
+    fn prepare_ram<F>(&self, id: &str, fill: F) -> Result<(), RuntimeError>
+    where
+        F: Fn(&Path) -> std::io::Result<()>,
+    {
+        let ram = self.inner.layout.ram_file(id);
+        let mut attempts = 0;
+        loop {
+            create_private_dir(self.inner.layout.ram_dir())?;
+            match fill(&ram) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {
+                    attempts += 1;
+                }
+                Err(source) => {
+                    return Err(RuntimeError::Io {
+                        op: "create the RAM file",
+                        path: ram,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Deletes the files of layers the store just dropped.
+    fn remove_layers(&self, layers: &[String]) {
+        for layer in layers {
+            tracing::debug!(%layer, "removing an unreferenced disk layer");
+            remove_file_if_exists(&self.inner.layout.layer_file(layer));
         }
     }
 
@@ -290,6 +406,32 @@ impl Manager {
 
 fn span(name: &str) -> tracing::Span {
     tracing::info_span!("sandbox", name = %name)
+}
+
+/// The error for a failed insert of a new sandbox record.
+fn insert_error(error: StoreError) -> RuntimeError {
+    match error {
+        StoreError::Duplicate { name } => RuntimeError::AlreadyExists { name },
+        StoreError::Quota { max } => RuntimeError::QuotaExceeded { max },
+        StoreError::MissingSnapshot { id } => RuntimeError::SnapshotNotFound { id },
+        other => other.into(),
+    }
+}
+
+fn remove_file_if_exists(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), %error, "cannot remove file");
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn lock_error(name: &str, error: LockError) -> RuntimeError {

@@ -1,13 +1,20 @@
 //! Bringing records in line with reality: at [`Manager::open`] for every
-//! sandbox, and on `get`/`list` for the ones whose QEMU may have died.
+//! snapshot left unfinished and every sandbox, and on `get`/`list` for the
+//! sandboxes whose QEMU may have died. At open it also removes files no
+//! record owns: sandbox directories and lock files, RAM files of VMs that
+//! are gone, disk layers nothing references and snapshot directories
+//! without a snapshot.
 //!
 //! [`decide`] is the pure table (record state x what was observed ->
 //! action); the rest gathers observations and applies the action while
 //! holding the sandbox's lock. A record whose lock is held elsewhere is
 //! being worked on by another task or process and is left alone.
 
+use std::collections::HashSet;
+use std::path::Path;
+
 use super::lifecycle::pid_from_file;
-use super::Manager;
+use super::{remove_file_if_exists, Manager};
 use crate::error::RuntimeError;
 use crate::layout::{is_sandbox_id, SandboxDir};
 use crate::lock::SandboxLock;
@@ -68,10 +75,14 @@ impl Manager {
     /// Reconciles every record, then removes directories and lock files
     /// that belong to no record.
     pub(super) async fn reconcile_all(&self) -> Result<(), RuntimeError> {
+        self.recover_snapshots().await?;
         for record in self.inner.store.list()? {
             self.reconcile_one(&record.name, true).await?;
         }
-        self.remove_orphans().await
+        self.remove_orphans().await?;
+        self.remove_orphan_ram_files()?;
+        self.remove_orphan_layers()?;
+        self.remove_orphan_snapshots()
     }
 
     /// For `get`/`list`: reconciles `record` when its QEMU may have died or
@@ -126,6 +137,7 @@ impl Manager {
                 let pid = record.pid.filter(|_| state.expects_process());
                 if pid.is_none() {
                     self.forget_agent(&record.id);
+                    self.release_ram(&record.id);
                 }
                 self.inner
                     .store
@@ -203,6 +215,84 @@ impl Manager {
         Ok(())
     }
 
+    /// Removes RAM files of sandboxes that have no VM: no record, or a
+    /// record in a state without a process, checked under the sandbox's
+    /// lock (a boot in progress holds it).
+    fn remove_orphan_ram_files(&self) -> Result<(), RuntimeError> {
+        for id in ids_in(self.inner.layout.ram_dir(), ".ram") {
+            let record = self.inner.store.list()?.into_iter().find(|r| r.id == id);
+            if record.as_ref().is_some_and(|r| r.state.expects_process()) {
+                continue;
+            }
+            let lock_path = self.inner.layout.lock_file(&id);
+            let Some(_lock) =
+                SandboxLock::try_acquire(&lock_path).map_err(|e| super::lock_error(&id, e))?
+            else {
+                continue;
+            };
+            let record = self.inner.store.list()?.into_iter().find(|r| r.id == id);
+            if record.as_ref().is_some_and(|r| r.state.expects_process()) {
+                continue;
+            }
+            tracing::info!(%id, "removing a RAM file no running VM owns");
+            self.release_ram(&id);
+            if record.is_none() {
+                remove_file_if_exists(&lock_path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes layer files without a row: rows are written before files
+    /// and deleted before them, so such a file is garbage. The directory is
+    /// listed before the rows are read, so a layer created meanwhile is
+    /// never taken for one.
+    fn remove_orphan_layers(&self) -> Result<(), RuntimeError> {
+        let files = ids_in(&self.inner.layout.layers_dir(), ".qcow2");
+        if files.is_empty() {
+            return Ok(());
+        }
+        let rows = self.inner.store.layer_ids()?;
+        for id in files.into_iter().filter(|id| !rows.contains(id)) {
+            tracing::info!(layer = %id, "removing a disk layer no record owns");
+            remove_file_if_exists(&self.inner.layout.layer_file(&id));
+        }
+        Ok(())
+    }
+
+    /// Removes snapshot directories without a record, and lock files
+    /// without one that nobody holds (a taker locks before it records).
+    fn remove_orphan_snapshots(&self) -> Result<(), RuntimeError> {
+        let dirs = ids_in(&self.inner.layout.snapshots_dir(), "");
+        let locks = ids_in(&self.inner.layout.snapshots_dir(), ".lock");
+        if dirs.is_empty() && locks.is_empty() {
+            return Ok(());
+        }
+        let known: HashSet<String> = self
+            .inner
+            .store
+            .list_snapshots()?
+            .into_iter()
+            .map(|s| s.dir)
+            .collect();
+        for dir in dirs.into_iter().filter(|d| !known.contains(d)) {
+            let path = self.inner.layout.snapshot_dir(&dir);
+            tracing::info!(path = %path.path().display(), "removing a snapshot directory no record owns");
+            if let Err(error) = std::fs::remove_dir_all(path.path()) {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.path().display(), %error, "cannot remove directory");
+                }
+            }
+        }
+        for dir in locks.into_iter().filter(|d| !known.contains(d)) {
+            let path = self.inner.layout.snapshot_lock(&dir);
+            if let Ok(Some(_lock)) = SandboxLock::try_acquire(&path) {
+                remove_file_if_exists(&path);
+            }
+        }
+        Ok(())
+    }
+
     async fn kill_orphan(&self, dir: &SandboxDir) {
         if let Some(pid) = pid_from_file(&dir.pid_file()) {
             let vm = VmHandle {
@@ -216,6 +306,21 @@ impl Manager {
             }
         }
     }
+}
+
+/// Ids named `<id><suffix>` in `dir` (ids: lowercase hex of the sandbox
+/// id's length). An empty suffix lists directories.
+fn ids_in(dir: &Path, suffix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| suffix.is_empty() == e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| name.strip_suffix(suffix).map(str::to_string))
+        .filter(|id| is_sandbox_id(id))
+        .collect()
 }
 
 pub(super) enum Reconciled {

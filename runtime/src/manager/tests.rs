@@ -1,8 +1,9 @@
 //! The manager against a fake VMM: reconciliation at open and on list,
-//! transition checks, and cleanup after a failed create. No VM boots here.
+//! transition checks, cleanup after a failed create, the sandbox quota, and
+//! the snapshot steps with their failures and recovery. No VM boots here.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -10,8 +11,8 @@ use async_trait::async_trait;
 use super::*;
 use crate::accel::HostFacts;
 use crate::error::ErrorKind;
-use crate::store::Store;
-use crate::vmm::{VmSpec, VmStatus, VmmError};
+use crate::store::{NewLayer, SnapshotRecord, SnapshotState, Store};
+use crate::vmm::{QmpError, VmSpec, VmStatus, VmmError};
 
 /// Pretends processes with the listed pids run in the listed states.
 #[derive(Default)]
@@ -20,15 +21,42 @@ struct FakeVmm {
     killed: Mutex<Vec<u32>>,
     /// Every spec `launch` was called with.
     launched: Mutex<Vec<VmSpec>>,
+    /// Steps that fail: "freeze", "save", "load".
+    failing: Mutex<HashSet<&'static str>>,
+    /// The disk each VM writes to, as moved by `freeze_disk`.
+    disks: Mutex<HashMap<u32, PathBuf>>,
+    /// Run-state changes and snapshot steps, in order.
+    calls: Mutex<Vec<String>>,
 }
 
 impl FakeVmm {
     fn with(vms: &[(u32, VmStatus)]) -> Arc<FakeVmm> {
         Arc::new(FakeVmm {
             vms: Mutex::new(vms.iter().cloned().collect()),
-            killed: Mutex::default(),
-            launched: Mutex::default(),
+            ..FakeVmm::default()
         })
+    }
+
+    fn fail(&self, step: &'static str) {
+        self.failing.lock().unwrap().insert(step);
+    }
+
+    fn step(&self, vm: &VmHandle, step: &'static str) -> Result<(), VmmError> {
+        self.calls.lock().unwrap().push(step.to_string());
+        if self.failing.lock().unwrap().contains(step) {
+            return Err(VmmError::Qmp {
+                command: step,
+                source: QmpError::Refused(format!("fake: {step} fails")),
+            });
+        }
+        if !self.is_alive(vm) {
+            return Err(VmmError::Unkillable { pid: vm.pid });
+        }
+        Ok(())
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
     }
 
     fn set(&self, pid: u32, status: Option<VmStatus>) {
@@ -65,13 +93,40 @@ impl Vmm for FakeVmm {
     }
 
     async fn pause(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        self.calls.lock().unwrap().push("stop".into());
         self.set(vm.pid, Some(VmStatus::Paused));
         Ok(())
     }
 
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        self.calls.lock().unwrap().push("cont".into());
         self.set(vm.pid, Some(VmStatus::Running));
         Ok(())
+    }
+
+    async fn freeze_disk(&self, vm: &VmHandle, new_top: &Path) -> Result<(), VmmError> {
+        self.step(vm, "freeze")?;
+        std::fs::write(new_top, b"QFI\xfbfake").unwrap();
+        self.disks
+            .lock()
+            .unwrap()
+            .insert(vm.pid, new_top.to_path_buf());
+        Ok(())
+    }
+
+    async fn save_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        self.set(vm.pid, Some(VmStatus::Other("postmigrate".into())));
+        self.step(vm, "save")?;
+        std::fs::write(state_file, b"device state").unwrap();
+        Ok(())
+    }
+
+    async fn load_state(&self, vm: &VmHandle, _state_file: &Path) -> Result<(), VmmError> {
+        self.step(vm, "load")
+    }
+
+    async fn active_disk(&self, vm: &VmHandle) -> Result<Option<PathBuf>, VmmError> {
+        Ok(self.disks.lock().unwrap().get(&vm.pid).cloned())
     }
 
     async fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
@@ -96,6 +151,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::with_home(dir.path());
         config.accel = crate::config::AccelMode::Tcg;
+        config.ram_dir = Some(dir.path().join("ram"));
         for path in [&config.kernel, &config.initramfs] {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, b"artifact").unwrap();
@@ -117,20 +173,104 @@ impl Fixture {
         std::fs::create_dir_all(layout.sandbox_dir(id).path()).unwrap();
         let store = Store::open(&layout.database()).unwrap();
         store
-            .insert(&SandboxRecord {
-                name: name.into(),
-                id: id.into(),
-                vcpus: 1,
-                memory_mb: 256,
-                image: "default".into(),
-                image_path: self.dir.path().join("images/debian/rootfs.ext4"),
-                state,
-                pid,
-                accel: AccelKind::Tcg,
-                created_at: 1,
-                boot_count: 1,
-            })
+            .insert(
+                &SandboxRecord {
+                    name: name.into(),
+                    id: id.into(),
+                    vcpus: 1,
+                    memory_mb: 256,
+                    image: "default".into(),
+                    image_path: self.dir.path().join("images/debian/rootfs.ext4"),
+                    state,
+                    pid,
+                    accel: AccelKind::Tcg,
+                    created_at: 1,
+                    boot_count: 1,
+                    env: BTreeMap::new(),
+                    disk_layer: None,
+                },
+                None,
+                0,
+            )
             .unwrap();
+    }
+
+    /// Records a sandbox on its own root layer `layer`, with the layer
+    /// file and, if a process is expected, a RAM file with some data.
+    fn seed_on_layer(
+        &self,
+        name: &str,
+        id: &str,
+        state: SandboxState,
+        pid: Option<u32>,
+        layer: &str,
+    ) {
+        let layout = self.layout();
+        std::fs::create_dir_all(layout.sandbox_dir(id).path()).unwrap();
+        std::fs::create_dir_all(layout.layers_dir()).unwrap();
+        // A real (tiny) qcow2 image: restores run qemu-img on it.
+        let status = std::process::Command::new(&self.config.qemu_img_binary)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(layout.layer_file(layer))
+            .arg("1M")
+            .status()
+            .expect("qemu-img");
+        assert!(status.success());
+        if state.expects_process() {
+            std::fs::create_dir_all(self.ram_dir()).unwrap();
+            std::fs::write(self.ram_file(id), b"guest memory").unwrap();
+        }
+        let store = Store::open(&layout.database()).unwrap();
+        store
+            .insert(
+                &SandboxRecord {
+                    name: name.into(),
+                    id: id.into(),
+                    vcpus: 1,
+                    memory_mb: 256,
+                    image: "default".into(),
+                    image_path: self.dir.path().join("images/debian/rootfs.ext4"),
+                    state,
+                    pid,
+                    accel: AccelKind::Tcg,
+                    created_at: 1,
+                    boot_count: 1,
+                    env: [("K".to_string(), "v".to_string())].into(),
+                    disk_layer: Some(layer.into()),
+                },
+                Some(&NewLayer {
+                    id: layer.into(),
+                    parent: None,
+                }),
+                0,
+            )
+            .unwrap();
+    }
+
+    fn ram_dir(&self) -> PathBuf {
+        self.config.resolved_ram_dir()
+    }
+
+    fn ram_file(&self, id: &str) -> PathBuf {
+        self.ram_dir().join(format!("{id}.ram"))
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.layout().database()).unwrap()
+    }
+
+    /// File names in a directory, sorted.
+    fn files_in(&self, dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     async fn open(&self, vmm: Arc<FakeVmm>) -> Manager {
@@ -402,4 +542,349 @@ async fn open_refuses_a_bad_config() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.chain().contains("default_memory_mb"), "{}", err.chain());
     assert!(!Path::new(&fx.config.state_dir).join("arrakis.db").exists());
+}
+
+const L1: &str = "00000000000000a1";
+const L2: &str = "00000000000000a2";
+
+fn snapshot_dir_entries(fx: &Fixture) -> Vec<String> {
+    fx.files_in(&fx.layout().snapshots_dir())
+}
+
+fn layer_files(fx: &Fixture) -> Vec<String> {
+    fx.files_in(&fx.layout().layers_dir())
+}
+
+#[tokio::test]
+async fn snapshots_freeze_the_disk_and_leave_the_vm_as_it_was() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    fx.seed_on_layer("held", &id(2), SandboxState::Paused, Some(102), L2);
+    fx.seed("off", &id(3), SandboxState::Stopped, None);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running), (102, VmStatus::Paused)]);
+    let manager = fx.open(vmm.clone()).await;
+    vmm.calls();
+
+    let info = manager
+        .snapshot("box", Some("s 1/x".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(info.kind(), ErrorKind::InvalidArgument);
+    let info = manager.snapshot("box", Some("s 1".into())).await.unwrap();
+    assert_eq!(vmm.calls(), ["stop", "freeze", "save", "cont"]);
+    assert_eq!(vmm.vms.lock().unwrap()[&101], VmStatus::Running);
+    assert_eq!(
+        (info.id.as_str(), info.sandbox.as_str(), info.memory_mb),
+        ("s 1", "box", 256)
+    );
+    assert_eq!(info.env.get("K").map(String::as_str), Some("v"));
+    assert!(info.size_bytes > 0, "{info:?}");
+    assert_eq!(manager.get_snapshot("s 1").await.unwrap(), info);
+    // The sandbox moved to a new top layer standing on the frozen one.
+    let record = fx.store().get("box").unwrap().unwrap();
+    let top = record.disk_layer.clone().unwrap();
+    assert_ne!(top, L1);
+    assert_eq!(fx.store().layer_parents().unwrap()[&top], Some(L1.into()));
+    assert_eq!(
+        vmm.disks.lock().unwrap()[&101],
+        fx.layout().layer_file(&top)
+    );
+    let snap = fx.store().get_snapshot("s 1").unwrap().unwrap();
+    assert_eq!((snap.layer.as_str(), snap.next_layer), (L1, None));
+    let dir = fx.layout().snapshot_dir(&snap.dir);
+    assert_eq!(std::fs::read(dir.memory_file()).unwrap(), b"guest memory");
+    assert_eq!(std::fs::read(dir.state_file()).unwrap(), b"device state");
+
+    let err = manager
+        .snapshot("box", Some("s 1".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert_eq!(vmm.calls(), Vec::<String>::new());
+
+    // A paused VM is paused again afterwards (QEMU needs `cont` after a
+    // migration); an id is generated.
+    let held = manager.snapshot("held", None).await.unwrap();
+    assert!(held.id.starts_with("snap-"), "{}", held.id);
+    assert_eq!(vmm.calls(), ["freeze", "save", "cont", "stop"]);
+    assert_eq!(vmm.vms.lock().unwrap()[&102], VmStatus::Paused);
+    assert_eq!(
+        manager.get("held").await.unwrap().state,
+        SandboxState::Paused
+    );
+
+    let err = manager.snapshot("off", None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    let err = manager.snapshot("nope", None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let listed: Vec<String> = manager
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&"s 1".to_string()));
+
+    // Deleting the snapshot removes its files; the frozen layer stays
+    // while the sandbox stands on it.
+    manager.delete_snapshot("s 1").await.unwrap();
+    assert!(!dir.path().exists());
+    assert!(fx.layout().layer_file(L1).is_file());
+    for err in [
+        manager.delete_snapshot("s 1").await.unwrap_err(),
+        manager.get_snapshot("s 1").await.unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    }
+    // The id is free again.
+    manager.snapshot("box", Some("s 1".into())).await.unwrap();
+    manager.delete_snapshot("s 1").await.unwrap();
+    // Destroying the sandbox removes all of its layers.
+    manager.destroy("box").await.unwrap();
+    let layers = layer_files(&fx);
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert!(layers.contains(&format!("{L2}.qcow2")), "{layers:?}");
+    assert!(!fx.ram_file(&id(1)).exists());
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_leaves_the_sandbox_running() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    vmm.calls();
+
+    // Freezing fails: nothing changed, the reserved layer is collected.
+    vmm.fail("freeze");
+    let err = manager.snapshot("box", Some("a".into())).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(
+        err.chain().contains("fake: freeze fails"),
+        "{}",
+        err.chain()
+    );
+    assert_eq!(vmm.calls(), ["stop", "freeze", "cont"]);
+    assert_eq!(vmm.vms.lock().unwrap()[&101], VmStatus::Running);
+    assert_eq!(
+        fx.store()
+            .get("box")
+            .unwrap()
+            .unwrap()
+            .disk_layer
+            .as_deref(),
+        Some(L1)
+    );
+    assert_eq!(
+        fx.store().layer_ids().unwrap(),
+        HashSet::from([L1.to_string()])
+    );
+    assert!(manager.list_snapshots().await.unwrap().is_empty());
+    assert!(snapshot_dir_entries(&fx).is_empty());
+
+    // Saving fails after the freeze: the sandbox keeps its new layer.
+    vmm.failing.lock().unwrap().clear();
+    vmm.fail("save");
+    let err = manager.snapshot("box", Some("a".into())).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert_eq!(vmm.calls(), ["stop", "freeze", "save", "cont"]);
+    assert_eq!(vmm.vms.lock().unwrap()[&101], VmStatus::Running);
+    let top = fx.store().get("box").unwrap().unwrap().disk_layer.unwrap();
+    assert_ne!(top, L1);
+    assert_eq!(
+        vmm.disks.lock().unwrap()[&101],
+        fx.layout().layer_file(&top)
+    );
+    assert_eq!(fx.store().layer_parents().unwrap()[&top], Some(L1.into()));
+    assert!(manager.list_snapshots().await.unwrap().is_empty());
+    assert!(snapshot_dir_entries(&fx).is_empty());
+    assert_eq!(
+        manager.get("box").await.unwrap().state,
+        SandboxState::Running
+    );
+
+    // It works once the VMM does.
+    vmm.failing.lock().unwrap().clear();
+    manager.snapshot("box", Some("a".into())).await.unwrap();
+}
+
+/// A manager that died mid-snapshot leaves a `creating` record; the next
+/// open asks QEMU where the disk is, records it, resumes the VM and removes
+/// the remains.
+#[tokio::test]
+async fn an_interrupted_snapshot_is_repaired_at_open() {
+    for frozen in [true, false] {
+        let fx = Fixture::new();
+        fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+        let record = fx.store().get("box").unwrap().unwrap();
+        let snap = SnapshotRecord {
+            id: "half".into(),
+            dir: "00000000000000d1".into(),
+            state: SnapshotState::Creating,
+            sandbox: "box".into(),
+            sandbox_id: id(1),
+            vcpus: 1,
+            memory_mb: 256,
+            image: "default".into(),
+            image_path: record.image_path.clone(),
+            env: BTreeMap::new(),
+            accel: AccelKind::Tcg,
+            layer: L1.into(),
+            next_layer: Some(L2.into()),
+            created_at: 2,
+        };
+        fx.store().begin_snapshot(&snap).unwrap();
+        let dir = fx.layout().snapshot_dir(&snap.dir);
+        std::fs::create_dir_all(dir.path()).unwrap();
+        std::fs::write(dir.state_file(), b"partial").unwrap();
+        // QEMU created the new layer in both cases; it switched only in one.
+        std::fs::write(fx.layout().layer_file(L2), b"QFI\xfbnew").unwrap();
+        let vmm = FakeVmm::with(&[(101, VmStatus::Other("postmigrate".into()))]);
+        let active = if frozen { L2 } else { L1 };
+        vmm.disks
+            .lock()
+            .unwrap()
+            .insert(101, fx.layout().layer_file(active));
+
+        let manager = fx.open(vmm.clone()).await;
+        let record = fx.store().get("box").unwrap().unwrap();
+        assert_eq!(
+            record.disk_layer.as_deref(),
+            Some(active),
+            "frozen={frozen}"
+        );
+        assert_eq!(vmm.vms.lock().unwrap()[&101], VmStatus::Running);
+        assert!(manager.list_snapshots().await.unwrap().is_empty());
+        assert!(fx.store().list_snapshots().unwrap().is_empty());
+        assert!(snapshot_dir_entries(&fx).is_empty(), "frozen={frozen}");
+        let mut want = vec![format!("{L1}.qcow2")];
+        if frozen {
+            want.push(format!("{L2}.qcow2"));
+        }
+        assert_eq!(layer_files(&fx), want);
+    }
+}
+
+#[tokio::test]
+async fn the_quota_applies_to_create_and_restore() {
+    let mut fx = Fixture::new();
+    fx.config.max_sandboxes = 2;
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    fx.seed("off", &id(2), SandboxState::Stopped, None);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    manager.snapshot("box", Some("s".into())).await.unwrap();
+
+    let err = manager
+        .create(SandboxSpec::named("third"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(err.to_string().contains("max_sandboxes = 2"), "{err}");
+    let err = manager.restore("s", "third").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(vmm.launched.lock().unwrap().is_empty());
+    assert_eq!(manager.list().await.unwrap().len(), 2);
+
+    // Below the limit, the (fake) launch is what fails; nothing is left.
+    manager.destroy("off").await.unwrap();
+    let layers_before = layer_files(&fx);
+    let err = manager.restore("s", "third").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    let launched = vmm.launched.lock().unwrap().clone();
+    assert_eq!(launched.len(), 1);
+    assert!(launched[0].incoming);
+    assert_eq!(
+        (launched[0].memory_mb, launched[0].hostname.as_str()),
+        (256, "third")
+    );
+    assert!(manager.get("third").await.is_err());
+    assert_eq!(layer_files(&fx), layers_before);
+    assert!(!fx.ram_file(&manager_id(&launched[0])).exists());
+    assert!(manager.get_snapshot("s").await.is_ok());
+}
+
+fn manager_id(spec: &VmSpec) -> String {
+    spec.dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn restore_checks_its_arguments_first() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    manager.snapshot("box", Some("s".into())).await.unwrap();
+    let cases = [
+        ("nope", "new", ErrorKind::NotFound),
+        ("s", "a/b", ErrorKind::InvalidArgument),
+        ("s", "", ErrorKind::InvalidArgument),
+        ("s", "box", ErrorKind::AlreadyExists),
+    ];
+    for (snapshot, name, kind) in cases {
+        let err = manager.restore(snapshot, name).await.unwrap_err();
+        assert_eq!(err.kind(), kind, "{snapshot} -> {name}: {err}");
+    }
+    assert!(vmm.launched.lock().unwrap().is_empty());
+    // A snapshot taken under another accelerator cannot run here.
+    fx.store()
+        .conn_for_tests()
+        .execute("UPDATE snapshots SET accel = 'kvm'", [])
+        .unwrap();
+    let err = manager.restore("s", "new").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("under kvm"), "{err}");
+    assert_eq!(manager.list().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn orphaned_files_are_swept_at_open() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("run", &id(1), SandboxState::Running, Some(101), L1);
+    fx.seed_on_layer("off", &id(2), SandboxState::Stopped, None, L2);
+    // A stale RAM file of the stopped one, one of no sandbox at all, a
+    // layer and a snapshot directory and lock file nobody records.
+    std::fs::write(fx.ram_file(&id(2)), b"old").unwrap();
+    std::fs::write(fx.ram_file(&id(9)), b"old").unwrap();
+    std::fs::write(fx.ram_dir().join("not-ours.txt"), b"x").unwrap();
+    std::fs::write(fx.layout().layer_file("00000000000000ff"), b"x").unwrap();
+    std::fs::create_dir_all(fx.layout().snapshot_dir("00000000000000ee").path()).unwrap();
+    std::fs::write(fx.layout().snapshot_lock("00000000000000ee"), b"").unwrap();
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let _manager = fx.open(vmm).await;
+    assert_eq!(
+        fx.files_in(&fx.ram_dir()),
+        [format!("{}.ram", id(1)), "not-ours.txt".to_string()]
+    );
+    assert_eq!(
+        layer_files(&fx),
+        [format!("{L1}.qcow2"), format!("{L2}.qcow2")]
+    );
+    assert!(snapshot_dir_entries(&fx).is_empty());
+    assert!(!fx.layout().lock_file(&id(9)).exists());
+}
+
+/// A VM that dies frees its RAM file when the death is noticed.
+#[tokio::test]
+async fn a_dead_vm_gives_back_its_memory() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    assert!(fx.ram_file(&id(1)).exists());
+    vmm.set(101, None);
+    assert_eq!(
+        manager.get("box").await.unwrap().state,
+        SandboxState::Crashed
+    );
+    assert!(!fx.ram_file(&id(1)).exists());
+    let err = manager.snapshot("box", None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
 }

@@ -1,6 +1,12 @@
 //! The seam between the runtime and a virtual machine monitor: a narrow
-//! [`Vmm`] trait (launch, status, pause, resume, quit, kill, is_alive) and
-//! the QEMU backend behind it ([`qemu::Qemu`]).
+//! [`Vmm`] trait (launch, status, pause, resume, quit, kill, is_alive, and
+//! the three steps of snapshot and restore: freeze_disk, save_state,
+//! load_state) and the QEMU backend behind it ([`qemu::Qemu`]).
+//!
+//! The trait has steps, not a whole "snapshot" call, because the manager
+//! must record each step's effect as it happens: once the disk is frozen
+//! the VM writes to a new file, and the record must say so even if a later
+//! step fails.
 //!
 //! A running VM is addressed by a [`VmHandle`] (pid + sandbox directory),
 //! which the manager stores and rebuilds after a restart: nothing about a
@@ -69,6 +75,14 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The VM's writable disk (a qcow2 overlay).
     pub disk: PathBuf,
+    /// Guest RAM: a file mapped shared (`memory-backend-file,share=on`), so
+    /// it can be left out of saved state and copied instead. Its content
+    /// is the guest's memory from the first instruction on: a boot empties
+    /// it (QEMU sizes an empty or absent file), a restore puts the
+    /// snapshot's memory there first.
+    pub ram_file: PathBuf,
+    /// Start paused, waiting for [`Vmm::load_state`], instead of booting.
+    pub incoming: bool,
     pub accel: Accel,
     pub extra_kernel_args: Vec<String>,
 }
@@ -114,4 +128,17 @@ pub trait Vmm: Send + Sync {
     async fn quit(&self, vm: &VmHandle) -> Result<(), VmmError>;
     /// Ends the VMM process with signals and waits until it is gone.
     async fn kill(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Freezes the current top of the VM's disk: from now on it writes to
+    /// `new_top`, created here as an overlay backed by the old top, which
+    /// no process writes again. Atomic. The VM should be paused.
+    async fn freeze_disk(&self, vm: &VmHandle, new_top: &Path) -> Result<(), VmmError>;
+    /// Writes the device state of a paused VM to `state_file`, without the
+    /// guest RAM (that is in [`VmSpec::ram_file`]). Afterwards the VM must
+    /// be resumed before anything else is done with it.
+    async fn save_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
+    /// Loads state written by [`Vmm::save_state`] into a VM launched with
+    /// [`VmSpec::incoming`]; the VM ends paused.
+    async fn load_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
+    /// The file the VM writes its disk to now, if the VMM says.
+    async fn active_disk(&self, vm: &VmHandle) -> Result<Option<PathBuf>, VmmError>;
 }

@@ -2,7 +2,13 @@
 //! server (what py-arrakis 2.0.0 sends and reads), and their parsing into
 //! domain requests. Nothing here touches the runtime.
 
-use arrakis_runtime::{SandboxInfo, SandboxState};
+pub mod exec;
+pub mod fs;
+pub mod snapshots;
+
+use std::collections::BTreeMap;
+
+use arrakis_runtime::{SandboxInfo, SandboxSpec, SandboxState};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -64,6 +70,13 @@ pub struct Vm {
     /// Empty while sandboxes have no network.
     pub tap_device_name: String,
     pub port_forwards: Vec<PortForward>,
+    /// Beyond the original: the sandbox's id, size, image and creation
+    /// time (RFC 3339, UTC).
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub image: String,
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -109,8 +122,24 @@ impl From<&SandboxInfo> for Vm {
             ip: String::new(),
             tap_device_name: String::new(),
             port_forwards: Vec::new(),
+            id: info.id.clone(),
+            vcpus: info.vcpus,
+            memory_mb: info.memory_mb,
+            image: info.image.clone(),
+            created_at: rfc3339(info.created_at),
         }
     }
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC (`2025-05-26T07:17:03Z`).
+pub fn rfc3339(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs.min(253_402_300_799) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -137,16 +166,50 @@ pub struct StartVmRequest {
     /// Accepted and ignored, as by the original server.
     #[serde(default)]
     pub entry_point: Option<String>,
-    /// Restore from a snapshot: not available yet.
+    /// Restore this snapshot as the VM `vmName`.
     #[serde(default)]
     pub snapshot_id: Option<String>,
+    /// Beyond the original: virtual CPUs of a new VM (server default if
+    /// absent).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Guest memory of a new VM in MiB.
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    /// Base image of a new VM (see `GET /v1/openapi.json` info for the
+    /// server's images); default the server's.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Environment of every command run in the VM.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Guest ports to reach from the host.
+    #[serde(default)]
+    pub port_forwards: Option<Vec<PortForwardRequest>>,
+}
+
+/// A guest port to forward; the host port is picked when absent or 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortForwardRequest {
+    pub guest_port: u16,
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 /// What a start request asks for, once parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartCommand {
-    /// Create the VM, or boot it again if it exists and is stopped.
-    Start { name: String },
+    /// Create the VM, or boot it again if it exists and is stopped (the
+    /// spec's sizes then apply only to a new VM).
+    Start {
+        spec: SandboxSpec,
+        port_forwards: Vec<PortForwardRequest>,
+    },
+    /// Restore a snapshot as a new VM named `name`.
+    Restore { name: String, snapshot_id: String },
 }
 
 impl StartVmRequest {
@@ -157,11 +220,19 @@ impl StartVmRequest {
                 "vmName is required: a non-empty string naming the VM",
             ));
         }
-        if non_empty(&self.snapshot_id) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::NOT_IMPLEMENTED,
-                "snapshotId: restoring from snapshots arrives with a later issue",
-            ));
+        if let Some(snapshot_id) = self.snapshot_id.filter(|id| !id.is_empty()) {
+            // As the original: kernel, initramfs and rootfs are ignored.
+            if self.vcpus.is_some() || self.memory_mb.is_some() || self.image.is_some() {
+                return Err(ApiError::unprocessable(
+                    "vcpus, memoryMb and image cannot be given with snapshotId: a restored VM has its snapshot's",
+                ));
+            }
+            if self.env.is_some() || self.port_forwards.is_some() {
+                return Err(ApiError::unprocessable(
+                    "env and portForwards cannot be given with snapshotId: a restored VM has its snapshot's",
+                ));
+            }
+            return Ok(StartCommand::Restore { name, snapshot_id });
         }
         for (field, value) in [
             ("kernel", &self.kernel),
@@ -174,7 +245,15 @@ impl StartVmRequest {
                 )));
             }
         }
-        Ok(StartCommand::Start { name })
+        let mut spec = SandboxSpec::named(&name);
+        spec.vcpus = self.vcpus;
+        spec.memory_mb = self.memory_mb;
+        spec.image = self.image;
+        spec.env = self.env.unwrap_or_default();
+        Ok(StartCommand::Start {
+            spec,
+            port_forwards: self.port_forwards.unwrap_or_default(),
+        })
     }
 }
 
@@ -185,9 +264,20 @@ fn non_empty(value: &Option<String>) -> bool {
 /// `PATCH /v1/vms/{name}`. Unknown keys are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UpdateStateRequest {
-    /// `stopped`, `paused` or `resume`.
+    /// `stopped`, `paused` or `resume` (kept as text, so that another
+    /// value gets an error naming the accepted ones).
     #[serde(default)]
+    #[schema(value_type = StateName, required = true)]
     pub status: Option<String>,
+}
+
+/// The states a PATCH asks for (documentation of `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StateName {
+    Stopped,
+    Paused,
+    Resume,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,14 +304,19 @@ impl UpdateStateRequest {
 }
 
 /// `POST /v1/vms/{name}/cmd`: run `cmd` with `bash -c`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CmdRequest {
+    #[schema(min_length = 1)]
     pub cmd: String,
     /// Wait for the command and return its output (default). When false,
     /// the command runs in the background and its output is dropped.
     #[serde(default = "default_true")]
     pub blocking: bool,
+    /// Beyond the original: kill the command's process tree after this
+    /// many seconds (no limit by default).
+    #[serde(default, rename = "timeoutSecs")]
+    pub timeout_secs: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -260,6 +355,7 @@ pub struct UploadRequest {
 pub struct FileUpload {
     /// Absolute, or relative to `/tmp/server_files`. Parent directories
     /// are created.
+    #[schema(min_length = 1)]
     pub path: String,
     /// Text, written as UTF-8.
     pub content: String,
@@ -368,13 +464,38 @@ mod tests {
         assert_eq!(
             start(r#"{"vmName":"my sb","extra":1,"entryPoint":"x"}"#),
             Ok(StartCommand::Start {
-                name: "my sb".into()
+                spec: SandboxSpec::named("my sb"),
+                port_forwards: Vec::new(),
+            })
+        );
+        let Ok(StartCommand::Start {
+            spec,
+            port_forwards,
+        }) = start(
+            r#"{"vmName":"b","vcpus":2,"memoryMb":512,"image":"img","env":{"K":"V"},"portForwards":[{"guestPort":80}]}"#,
+        )
+        else {
+            panic!("not a start")
+        };
+        assert_eq!((spec.vcpus, spec.memory_mb), (Some(2), Some(512)));
+        assert_eq!(spec.image.as_deref(), Some("img"));
+        assert_eq!(spec.env["K"], "V");
+        assert_eq!(port_forwards[0].guest_port, 80);
+        assert_eq!(
+            start(r#"{"vmName":"c","snapshotId":"s1","kernel":"ignored"}"#),
+            Ok(StartCommand::Restore {
+                name: "c".into(),
+                snapshot_id: "s1".into()
             })
         );
         for (json, status, hint) in [
             ("{}", 400, "vmName"),
             (r#"{"vmName":""}"#, 400, "vmName"),
-            (r#"{"vmName":"a","snapshotId":"s"}"#, 501, "later issue"),
+            (
+                r#"{"vmName":"a","snapshotId":"s","vcpus":2}"#,
+                422,
+                "snapshotId",
+            ),
             (r#"{"vmName":"a","kernel":"/k"}"#, 422, "kernel"),
         ] {
             let err = start(json).unwrap_err();
@@ -469,12 +590,19 @@ mod tests {
                 guest_port: "5901".into(),
                 description: "gui".into(),
             }],
+            id: "0a".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            image: "default".into(),
+            created_at: rfc3339(1_748_243_823),
         };
         assert_eq!(
             serde_json::to_value(&vm).unwrap(),
             serde_json::json!({
                 "vmName": "a", "status": "STOPPED", "ip": "", "tapDeviceName": "",
-                "portForwards": [{"hostPort": "3000", "guestPort": "5901", "description": "gui"}]
+                "portForwards": [{"hostPort": "3000", "guestPort": "5901", "description": "gui"}],
+                "id": "0a", "vcpus": 1, "memoryMb": 256, "image": "default",
+                "createdAt": "2025-05-26T07:17:03Z"
             })
         );
         assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");

@@ -1,0 +1,791 @@
+//! Snapshots, restores and snapshot deletion.
+//!
+//! # Snapshot
+//! A snapshot is three things taken while the vCPUs are stopped: the disk
+//! (the sandbox's top qcow2 layer, frozen with `blockdev-snapshot-sync`; the
+//! sandbox continues on a new layer above it), the device state (a
+//! migration stream with `x-ignore-shared`, ~70 KiB) and the guest RAM (a
+//! sparse copy of the VM's RAM file, which is what `x-ignore-shared` left
+//! out). Steps, under the sandbox's lock and the new snapshot's exclusive
+//! lock:
+//!
+//! 1. record the snapshot as `creating`, reserving the new top layer;
+//! 2. stop the vCPUs (if running), freeze the disk, record the sandbox's
+//!    new top layer at once (from here on QEMU writes to it, whatever
+//!    happens next);
+//! 3. save the device state to `state.bin`, copy the RAM file to
+//!    `memory.ram`;
+//! 4. put the VM back as it was: `cont` if it was running; `cont` then
+//!    `stop` if it was paused, because after a migration QEMU sits in
+//!    `postmigrate` with its disks inactive and refuses another migration
+//!    (the guest runs for the ~1 ms between the two commands);
+//! 5. `fsync` the snapshot's files and the frozen layer (snapshots survive
+//!    host reboots), then record the snapshot `ready`.
+//!
+//! Any failure rolls the record back (the reserved layer is collected if
+//! the disk was not frozen), removes the partial files and leaves the VM as
+//! it was. A manager that dies half-way leaves a `creating` record whose
+//! lock is free; reconciliation then finds out from QEMU (or from the
+//! files, if QEMU is gone too) whether the disk was frozen, records that,
+//! and removes the remains ([`Manager::recover_snapshots`]).
+//!
+//! # Restore: copy the RAM, not map it
+//! A restore makes a new sandbox whose disk is a new layer on the
+//! snapshot's frozen layer, copies `memory.ram` (sparse) into the RAM
+//! directory, starts QEMU with `-incoming defer -S` on that file
+//! (`share=on`, like every VM), loads `state.bin`, `cont`s, waits for the
+//! agent, and fixes the clone up through it: wall clock (`SetTime`),
+//! hostname and fresh entropy (`Configure`).
+//!
+//! Mapping `memory.ram` privately (`share=off`, copy-on-write) instead of
+//! copying it was measured too (default 256 MiB VM, ~40 MiB of touched
+//! RAM, TCG): it saves the copy (~35 ms of a ~100 ms restore) and lets
+//! clones share unmodified pages, but `x-ignore-shared` skips only shared
+//! RAM, so a snapshot of such a clone pushes all its RAM through the
+//! migration stream (0.6 s instead of ~15 ms, a state file of the guest's
+//! size), needs a second snapshot format and a second restore path, and
+//! ties running clones to the snapshot's file. Copying keeps one format,
+//! makes a restored sandbox exactly like a booted one (snapshot it again,
+//! stop it, start it: a cold boot on its disk), and frees a deleted
+//! snapshot's disk space at once.
+//!
+//! # Layers and deletion
+//! Disk layers are shared by reachability (see [`crate::store`]): deleting
+//! a snapshot removes its memory and state files at once, and its frozen
+//! layer only when no sandbox stands on it any more.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arrakis_protocol::ConfigureRequest;
+use serde::Serialize;
+
+use super::lifecycle::{new_id, random_bytes, require_file};
+use super::{
+    create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
+    SandboxInfo,
+};
+use crate::accel::AccelKind;
+use crate::agent::AgentClient;
+use crate::error::RuntimeError;
+use crate::lock::{LockError, SandboxLock};
+use crate::memfile;
+use crate::sandbox::{Operation, SandboxState};
+use crate::spec;
+use crate::store::{NewLayer, SandboxRecord, SnapshotRecord, SnapshotState, StoreError};
+use crate::vmm::qemu::{self, create_overlay, Backing};
+use crate::vmm::{VmHandle, VmStatus};
+
+/// Bytes of entropy mixed into a restored clone's pool.
+const CLONE_ENTROPY: usize = 64;
+
+/// Console lines quoted in a restore error.
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// What callers see of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    /// Name of the sandbox it was taken of (which may since be gone).
+    pub sandbox: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub image: String,
+    /// The sandbox's environment, given to sandboxes restored from it.
+    pub env: BTreeMap<String, String>,
+    /// Restores need a host running VMs under the same accelerator.
+    pub accel: AccelKind,
+    /// Bytes on the host's disk: memory, device state and the frozen disk
+    /// layer (which restored sandboxes may share).
+    pub size_bytes: u64,
+}
+
+/// How far a snapshot got, for the clean-up of a failure.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The vCPUs were stopped by us.
+    paused: bool,
+    /// The disk was frozen: QEMU writes to the new layer.
+    frozen: bool,
+    /// The store knows about the new layer.
+    switched: bool,
+    /// A migration ran: QEMU is in `postmigrate` until `cont`.
+    migrated: bool,
+}
+
+impl Manager {
+    pub(super) async fn snapshot_inner(
+        &self,
+        name: &str,
+        id: Option<String>,
+    ) -> Result<SnapshotInfo, RuntimeError> {
+        let id = match id {
+            Some(id) => {
+                spec::validate_snapshot_id(&id).map_err(|message| {
+                    RuntimeError::InvalidArgument {
+                        field: "snapshot_id",
+                        message,
+                    }
+                })?;
+                id
+            }
+            None => format!("snap-{}", new_id()?),
+        };
+        let (_lock, mut record) = self.lock(name).await?;
+        self.check(&record, Operation::Snapshot)?;
+        let not_running = |record: &SandboxRecord| RuntimeError::InvalidState {
+            name: name.to_string(),
+            state: record.state,
+            op: Operation::Snapshot,
+        };
+        let Some(vm) = self.handle(&record) else {
+            return Err(not_running(&record));
+        };
+        if !self.inner.vmm.is_alive(&vm) {
+            self.mark_died(&mut record)?;
+            return Err(not_running(&record));
+        }
+        let Some(layer) = record.disk_layer.clone() else {
+            return Err(RuntimeError::NotSnapshottable {
+                name: name.to_string(),
+                reason: "its disk predates snapshot support; stop and start it once",
+            });
+        };
+        if !self.inner.layout.ram_file(&record.id).is_file() {
+            return Err(RuntimeError::NotSnapshottable {
+                name: name.to_string(),
+                reason: "its VM was booted without file-backed memory (by an older arrakis); \
+                         stop and start it once",
+            });
+        }
+        let dir = new_id()?;
+        let snap_lock_path = self.inner.layout.snapshot_lock(&dir);
+        let snap_lock = SandboxLock::try_acquire(&snap_lock_path)
+            .map_err(|e| snapshot_lock_error(&id, e))?
+            .ok_or_else(|| RuntimeError::SnapshotBusy { id: id.clone() })?;
+        let snap = SnapshotRecord {
+            id,
+            dir,
+            state: SnapshotState::Creating,
+            sandbox: record.name.clone(),
+            sandbox_id: record.id.clone(),
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+            image: record.image.clone(),
+            image_path: record.image_path.clone(),
+            env: record.env.clone(),
+            accel: record.accel,
+            layer,
+            next_layer: Some(new_id()?),
+            created_at: now_secs(),
+        };
+        if let Err(error) = self.inner.store.begin_snapshot(&snap) {
+            remove_file_if_exists(&snap_lock_path);
+            return Err(match error {
+                StoreError::DuplicateSnapshot { id } => RuntimeError::SnapshotExists { id },
+                other => other.into(),
+            });
+        }
+        let mut progress = Progress::default();
+        let result = self.take_snapshot(&record, &vm, &snap, &mut progress).await;
+        if let Err(error) = result {
+            tracing::warn!(id = %snap.id, error = %error.chain(), ?progress, "snapshot failed; cleaning up");
+            if progress.frozen && !progress.switched {
+                // QEMU writes to the new layer but the store could not say
+                // so: deleting the record would collect that layer. Leave
+                // it to reconciliation, which asks QEMU.
+                tracing::error!(id = %snap.id, "the sandbox's new disk layer is unrecorded; reconciliation will repair it");
+            } else {
+                self.discard_snapshot(&snap);
+            }
+            drop(snap_lock);
+            return Err(error);
+        }
+        drop(snap_lock);
+        let snap = self.inner.store.get_snapshot(&snap.id)?.ok_or_else(|| {
+            RuntimeError::SnapshotNotFound {
+                id: snap.id.clone(),
+            }
+        })?;
+        Ok(self.snapshot_info(&snap))
+    }
+
+    /// Steps 2 to 5 of the module documentation.
+    async fn take_snapshot(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+        snap: &SnapshotRecord,
+        progress: &mut Progress,
+    ) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let dir = self.inner.layout.snapshot_dir(&snap.dir);
+        create_private_dir(dir.path())?;
+        let was_running = record.state == SandboxState::Running;
+        let frozen = self.freeze_and_save(record, vm, snap, progress).await;
+        let paused_for = started.elapsed();
+        let back = self.put_back(record, vm, was_running, progress).await;
+        frozen?;
+        back?;
+        let layer = self.inner.layout.layer_file(&snap.layer);
+        let files = [dir.memory_file(), dir.state_file(), layer];
+        let dirs = [
+            dir.path().to_path_buf(),
+            self.inner.layout.layers_dir(),
+            self.inner.layout.snapshots_dir(),
+        ];
+        blocking("sync the snapshot to disk", move || {
+            for file in &files {
+                std::fs::File::open(file)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| (file.clone(), e))?;
+            }
+            for dir in &dirs {
+                memfile::sync_dir(dir).map_err(|e| (dir.clone(), e))?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.inner.store.finish_snapshot(&snap.id)?;
+        tracing::info!(
+            id = %snap.id,
+            paused_ms = paused_for.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            memory_bytes = memfile::disk_usage(&dir.memory_file()),
+            "snapshot taken"
+        );
+        Ok(())
+    }
+
+    async fn freeze_and_save(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+        snap: &SnapshotRecord,
+        progress: &mut Progress,
+    ) -> Result<(), RuntimeError> {
+        let vmm = &self.inner.vmm;
+        let vmm_err = |source| RuntimeError::Vmm {
+            name: record.name.clone(),
+            source,
+        };
+        if record.state == SandboxState::Running {
+            vmm.pause(vm).await.map_err(vmm_err)?;
+            progress.paused = true;
+        }
+        let next = snap.next_layer.as_deref().unwrap_or_default();
+        vmm.freeze_disk(vm, &self.inner.layout.layer_file(next))
+            .await
+            .map_err(vmm_err)?;
+        progress.frozen = true;
+        self.inner.store.switch_disk(&snap.id)?;
+        progress.switched = true;
+        let dir = self.inner.layout.snapshot_dir(&snap.dir);
+        progress.migrated = true;
+        vmm.save_state(vm, &dir.state_file())
+            .await
+            .map_err(vmm_err)?;
+        let ram = self.inner.layout.ram_file(&record.id);
+        let memory = dir.memory_file();
+        blocking("copy the guest memory", move || {
+            memfile::sparse_copy(&ram, &memory, false)
+                .map(drop)
+                .map_err(|e| (ram, e))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Returns the VM to the run state it had before the snapshot.
+    async fn put_back(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+        was_running: bool,
+        progress: &Progress,
+    ) -> Result<(), RuntimeError> {
+        let vmm = &self.inner.vmm;
+        let vmm_err = |source| RuntimeError::Vmm {
+            name: record.name.clone(),
+            source,
+        };
+        if was_running {
+            if progress.paused {
+                vmm.resume(vm).await.map_err(vmm_err)?;
+            }
+        } else if progress.migrated {
+            vmm.resume(vm).await.map_err(vmm_err)?;
+            vmm.pause(vm).await.map_err(vmm_err)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a snapshot's record (collecting the layers nobody needs),
+    /// files and lock file. The caller holds the snapshot's lock.
+    fn discard_snapshot(&self, snap: &SnapshotRecord) {
+        match self.inner.store.delete_snapshot(&snap.id, &snap.dir) {
+            Ok(dead) => self.remove_layers(&dead),
+            Err(StoreError::MissingSnapshot { .. }) => {}
+            Err(error) => {
+                tracing::error!(id = %snap.id, error = %crate::agent::error_chain(&error), "cannot delete the snapshot record");
+                return;
+            }
+        }
+        let dir = self.inner.layout.snapshot_dir(&snap.dir);
+        if let Err(error) = std::fs::remove_dir_all(dir.path()) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.path().display(), %error, "cannot remove the snapshot directory");
+            }
+        }
+        remove_file_if_exists(&self.inner.layout.snapshot_lock(&snap.dir));
+    }
+
+    pub(super) fn snapshot_info(&self, snap: &SnapshotRecord) -> SnapshotInfo {
+        let dir = self.inner.layout.snapshot_dir(&snap.dir);
+        let size_bytes = [
+            dir.memory_file(),
+            dir.state_file(),
+            self.inner.layout.layer_file(&snap.layer),
+        ]
+        .iter()
+        .map(|path| memfile::disk_usage(path))
+        .sum();
+        SnapshotInfo {
+            id: snap.id.clone(),
+            sandbox: snap.sandbox.clone(),
+            created_at: snap.created_at,
+            vcpus: snap.vcpus,
+            memory_mb: snap.memory_mb,
+            image: snap.image.clone(),
+            env: snap.env.clone(),
+            accel: snap.accel,
+            size_bytes,
+        }
+    }
+
+    /// The complete snapshot `id`.
+    fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord, RuntimeError> {
+        self.inner
+            .store
+            .get_snapshot(id)?
+            .filter(|s| s.state == SnapshotState::Ready)
+            .ok_or_else(|| RuntimeError::SnapshotNotFound { id: id.to_string() })
+    }
+
+    pub(super) fn list_snapshots_inner(&self) -> Result<Vec<SnapshotInfo>, RuntimeError> {
+        Ok(self
+            .inner
+            .store
+            .list_snapshots()?
+            .iter()
+            .filter(|s| s.state == SnapshotState::Ready)
+            .map(|s| self.snapshot_info(s))
+            .collect())
+    }
+
+    pub(super) fn get_snapshot_inner(&self, id: &str) -> Result<SnapshotInfo, RuntimeError> {
+        Ok(self.snapshot_info(&self.ready_snapshot(id)?))
+    }
+
+    pub(super) async fn delete_snapshot_inner(&self, id: &str) -> Result<(), RuntimeError> {
+        let snap = self
+            .inner
+            .store
+            .get_snapshot(id)?
+            .ok_or_else(|| RuntimeError::SnapshotNotFound { id: id.to_string() })?;
+        let lock_path = self.inner.layout.snapshot_lock(&snap.dir);
+        let _lock = SandboxLock::acquire(&lock_path, self.lock_timeout())
+            .await
+            .map_err(|e| snapshot_lock_error(id, e))?;
+        let Some(snap) = self
+            .inner
+            .store
+            .get_snapshot(id)?
+            .filter(|s| s.dir == snap.dir)
+        else {
+            // Deleted while we waited: our open re-created its lock file.
+            remove_file_if_exists(&lock_path);
+            return Err(RuntimeError::SnapshotNotFound { id: id.to_string() });
+        };
+        if snap.state == SnapshotState::Creating {
+            // Its taker died (we hold its lock): repair, then it is gone.
+            if !self.abandon_snapshot(&snap).await? {
+                return Err(RuntimeError::SnapshotBusy { id: id.to_string() });
+            }
+            return Ok(());
+        }
+        self.discard_snapshot(&snap);
+        tracing::info!("snapshot deleted");
+        Ok(())
+    }
+
+    pub(super) async fn restore_inner(
+        &self,
+        snapshot_id: &str,
+        new_name: &str,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        spec::validate_name(new_name).map_err(|message| RuntimeError::InvalidArgument {
+            field: "name",
+            message,
+        })?;
+        let snap = self.ready_snapshot(snapshot_id)?;
+        let accel = self.inner.accel.kind();
+        if snap.accel != accel {
+            return Err(RuntimeError::SnapshotIncompatible {
+                id: snap.id,
+                reason: format!(
+                    "it was taken under {}, and VMs here run under {}",
+                    snap.accel.as_str(),
+                    accel.as_str()
+                ),
+            });
+        }
+        let config = &self.inner.config;
+        if snap.vcpus > config.max_vcpus || snap.memory_mb > config.max_memory_mb {
+            return Err(RuntimeError::SnapshotIncompatible {
+                id: snap.id,
+                reason: format!(
+                    "it has {} vCPUs and {} MiB; this runtime allows at most {} and {} MiB",
+                    snap.vcpus, snap.memory_mb, config.max_vcpus, config.max_memory_mb
+                ),
+            });
+        }
+        require_file("guest kernel", &config.kernel)?;
+        require_file("guest initramfs", &config.initramfs)?;
+        // Keep a delete from removing the files while they are read.
+        let snap_lock_path = self.inner.layout.snapshot_lock(&snap.dir);
+        let snap_lock = SandboxLock::acquire_shared(&snap_lock_path, self.lock_timeout())
+            .await
+            .map_err(|e| snapshot_lock_error(snapshot_id, e))?;
+        let Ok(snap) = self.ready_snapshot(snapshot_id).and_then(|s| {
+            if s.dir == snap.dir {
+                Ok(s)
+            } else {
+                Err(RuntimeError::SnapshotNotFound {
+                    id: snapshot_id.to_string(),
+                })
+            }
+        }) else {
+            remove_file_if_exists(&snap_lock_path);
+            return Err(RuntimeError::SnapshotNotFound {
+                id: snapshot_id.to_string(),
+            });
+        };
+        let record = SandboxRecord {
+            name: new_name.to_string(),
+            id: new_id()?,
+            vcpus: snap.vcpus,
+            memory_mb: snap.memory_mb,
+            image: snap.image.clone(),
+            image_path: snap.image_path.clone(),
+            state: SandboxState::Creating,
+            pid: None,
+            accel: snap.accel,
+            created_at: now_secs(),
+            boot_count: 0,
+            env: snap.env.clone(),
+            disk_layer: Some(new_id()?),
+        };
+        let lock_path = self.inner.layout.lock_file(&record.id);
+        let lock = SandboxLock::try_acquire(&lock_path)
+            .map_err(|e| lock_error(new_name, e))?
+            .ok_or_else(|| RuntimeError::Busy {
+                name: new_name.to_string(),
+            })?;
+        let layer = NewLayer {
+            id: record.disk_layer.clone().unwrap_or_default(),
+            parent: Some(snap.layer.clone()),
+        };
+        let max = config.max_sandboxes;
+        if let Err(error) = self
+            .inner
+            .store
+            .insert_restored(&record, &layer, &snap.id, max)
+        {
+            remove_file_if_exists(&lock_path);
+            return Err(insert_error(error));
+        }
+        tracing::info!(id = %record.id, snapshot = %snap.id, "restoring sandbox");
+        let mut record = record;
+        match self.boot_restored(&mut record, &snap, snap_lock).await {
+            Ok(()) => {
+                drop(lock);
+                Ok(self.info(&record))
+            }
+            Err(error) => {
+                tracing::warn!(error = %error.chain(), "restore failed; cleaning up");
+                if let Err(cleanup) = self.teardown(&record).await {
+                    tracing::error!(error = %cleanup.chain(), "cleanup after a failed restore failed");
+                }
+                drop(lock);
+                Err(error)
+            }
+        }
+    }
+
+    /// Disk layer, RAM, incoming QEMU, state, `cont`, agent, fix-ups. On
+    /// failure the caller tears the sandbox down.
+    async fn boot_restored(
+        &self,
+        record: &mut SandboxRecord,
+        snap: &SnapshotRecord,
+        snap_lock: SandboxLock,
+    ) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let layout = &self.inner.layout;
+        let vmm_err = |source| RuntimeError::Vmm {
+            name: record.name.clone(),
+            source,
+        };
+        create_private_dir(layout.sandbox_dir(&record.id).path())?;
+        let backing = layout.layer_file(&snap.layer);
+        let disk = self.disk_path(record);
+        let overlay = async {
+            create_overlay(
+                &self.inner.config.qemu_img_binary,
+                Backing::Qcow2(&backing),
+                &disk,
+            )
+            .await
+            .map_err(vmm_err)
+        };
+        let snap_dir = layout.snapshot_dir(&snap.dir);
+        let memory = snap_dir.memory_file();
+        let copy = async {
+            let manager = self.clone();
+            let id = record.id.clone();
+            tokio::task::spawn_blocking(move || {
+                manager.prepare_ram(&id, |ram| {
+                    memfile::sparse_copy(&memory, ram, false).map(drop)
+                })
+            })
+            .await
+            .map_err(|join| RuntimeError::Io {
+                op: "copy the snapshot's memory",
+                path: PathBuf::new(),
+                source: std::io::Error::other(join.to_string()),
+            })?
+        };
+        tokio::try_join!(overlay, copy)?;
+        let copied = started.elapsed();
+        let mut spec = self.vm_spec(record);
+        spec.incoming = true;
+        let vmm = self.inner.vmm.clone();
+        let vm = vmm.launch(&spec).await.map_err(vmm_err)?;
+        let launched = started.elapsed();
+        self.inner
+            .store
+            .record_boot(&record.name, &record.id, record.state, vm.pid)?;
+        record.pid = Some(vm.pid);
+        record.boot_count += 1;
+        vmm.load_state(&vm, &snap_dir.state_file())
+            .await
+            .map_err(vmm_err)?;
+        drop(snap_lock);
+        let loaded = started.elapsed();
+        vmm.resume(&vm).await.map_err(vmm_err)?;
+        let resumed = started.elapsed();
+        let agent = AgentClient::wait_ready(
+            &vm.dir.agent_socket(),
+            self.inner.config.boot_timeout(),
+            || vmm.is_alive(&vm),
+        )
+        .await
+        .map_err(|reason| RuntimeError::Restore {
+            name: record.name.clone(),
+            snapshot: snap.id.clone(),
+            reason,
+            console_tail: qemu::last_lines(&vm.dir.console_log(), CONSOLE_TAIL_LINES),
+        })?;
+        let answered = started.elapsed();
+        self.fix_up_clone(record, &agent).await?;
+        *self.agent_slot(&record.id).lock().await = Some(agent);
+        let running = self.check(record, Operation::Booted)?;
+        self.inner
+            .store
+            .set_state(&record.name, &record.id, running, record.pid)?;
+        record.state = running;
+        tracing::info!(
+            pid = vm.pid,
+            copied_ms = copied.as_millis() as u64,
+            launched_ms = launched.as_millis() as u64,
+            loaded_ms = loaded.as_millis() as u64,
+            resumed_ms = resumed.as_millis() as u64,
+            agent_ms = answered.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "sandbox restored"
+        );
+        Ok(())
+    }
+
+    /// What makes a clone its own machine: the wall clock of now (the
+    /// guest's stopped at the snapshot), its own hostname, and entropy its
+    /// siblings do not share. The agent's `Configure` also takes network
+    /// settings; there is no guest network yet.
+    async fn fix_up_clone(
+        &self,
+        record: &SandboxRecord,
+        agent: &AgentClient,
+    ) -> Result<(), RuntimeError> {
+        let agent_err = |source| RuntimeError::Agent {
+            name: record.name.clone(),
+            source,
+        };
+        let configure = ConfigureRequest {
+            hostname: Some(spec::hostname_for(&record.name)),
+            network: None,
+            entropy: Some(random_bytes(CLONE_ENTROPY)?),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        // Both at once: the session multiplexes.
+        tokio::try_join!(agent.set_time(now), agent.configure(configure))
+            .map(drop)
+            .map_err(agent_err)
+    }
+
+    /// Finishes snapshots whose taker died (their lock is free): see the
+    /// module documentation. Runs at [`Manager::open`], before the
+    /// sandboxes are reconciled, so a VM left paused is resumed first.
+    pub(super) async fn recover_snapshots(&self) -> Result<(), RuntimeError> {
+        for snap in self.inner.store.list_snapshots()? {
+            if snap.state != SnapshotState::Creating {
+                continue;
+            }
+            let lock_path = self.inner.layout.snapshot_lock(&snap.dir);
+            let Some(_lock) = SandboxLock::try_acquire(&lock_path)
+                .map_err(|e| snapshot_lock_error(&snap.id, e))?
+            else {
+                continue;
+            };
+            let current = self
+                .inner
+                .store
+                .get_snapshot(&snap.id)?
+                .filter(|s| s.dir == snap.dir && s.state == SnapshotState::Creating);
+            if let Some(snap) = current {
+                tracing::info!(id = %snap.id, sandbox = %snap.sandbox, "finishing an interrupted snapshot");
+                self.abandon_snapshot(&snap).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records where the sandbox's disk really is, puts its VM back in its
+    /// recorded run state, and discards the unfinished snapshot. The caller
+    /// holds the snapshot's lock. False if the sandbox is busy (try later).
+    async fn abandon_snapshot(&self, snap: &SnapshotRecord) -> Result<bool, RuntimeError> {
+        let sandbox = self
+            .inner
+            .store
+            .get(&snap.sandbox)?
+            .filter(|r| r.id == snap.sandbox_id);
+        if let Some(record) = sandbox {
+            let lock_path = self.inner.layout.lock_file(&record.id);
+            let Some(_lock) =
+                SandboxLock::try_acquire(&lock_path).map_err(|e| lock_error(&record.name, e))?
+            else {
+                return Ok(false);
+            };
+            let Some(record) = self
+                .inner
+                .store
+                .get(&record.name)?
+                .filter(|r| r.id == record.id)
+            else {
+                return Ok(false);
+            };
+            let vm = self
+                .handle(&record)
+                .filter(|vm| self.inner.vmm.is_alive(vm));
+            if let Some(next) = &snap.next_layer {
+                let next_file = self.inner.layout.layer_file(next);
+                let switched = match &vm {
+                    Some(vm) => self
+                        .inner
+                        .vmm
+                        .active_disk(vm)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|active| active == next_file),
+                    None => is_qcow2(&next_file),
+                };
+                if switched {
+                    self.inner.store.switch_disk(&snap.id)?;
+                }
+            }
+            if let Some(vm) = vm {
+                self.settle(&record, &vm).await;
+            }
+        }
+        self.discard_snapshot(snap);
+        Ok(true)
+    }
+
+    /// Resumes a VM an interrupted snapshot left stopped, as its record says.
+    async fn settle(&self, record: &SandboxRecord, vm: &VmHandle) {
+        let vmm = &self.inner.vmm;
+        let status = match vmm.status(vm).await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::warn!(error = %crate::agent::error_chain(&error), "cannot query the VM's run state");
+                return;
+            }
+        };
+        let postmigrate = status == VmStatus::Other("postmigrate".to_string());
+        let result = match record.state {
+            SandboxState::Running if status != VmStatus::Running => vmm.resume(vm).await,
+            SandboxState::Paused if postmigrate => match vmm.resume(vm).await {
+                Ok(()) => vmm.pause(vm).await,
+                Err(e) => Err(e),
+            },
+            _ => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(error = %crate::agent::error_chain(&error), "cannot resume the VM");
+        }
+    }
+}
+
+/// True when `path` starts with the qcow2 magic (a complete image header
+/// is written at once by `qemu-img`/QEMU).
+fn is_qcow2(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb"
+}
+
+fn snapshot_lock_error(id: &str, error: LockError) -> RuntimeError {
+    match error {
+        LockError::Timeout { .. } => RuntimeError::SnapshotBusy { id: id.to_string() },
+        LockError::Io { path, source } => RuntimeError::Io {
+            op: "lock",
+            path,
+            source,
+        },
+    }
+}
+
+/// Runs blocking file work off the async threads; an error names the path.
+async fn blocking<F>(op: &'static str, work: F) -> Result<(), RuntimeError>
+where
+    F: FnOnce() -> Result<(), (PathBuf, std::io::Error)> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((path, source))) => Err(RuntimeError::Io { op, path, source }),
+        Err(join) => Err(RuntimeError::Io {
+            op,
+            path: PathBuf::new(),
+            source: std::io::Error::other(join.to_string()),
+        }),
+    }
+}
