@@ -9,7 +9,7 @@ CARGO ?= cargo
 help:
 	@echo 'make setup        install host packages, build kernel, image, initramfs and the CLI'
 	@echo 'make run          setup, then run a command in a throwaway sandbox'
-	@echo 'make test         setup, then the whole test suite (release build)'
+	@echo 'make test         setup, then the whole test suite: cargo tests, then the Python suite in tests/'
 	@echo 'make lint         cargo fmt --check and clippy with warnings denied'
 	@echo 'make bench        setup, then scripts/bench'
 	@echo 'make clean-cache  delete the built kernels, images and artifacts in $$ARRAKIS_HOME'
@@ -20,8 +20,12 @@ setup:
 run: setup
 	$(ARRAKIS) run --rm -- sh -c 'uname -a; cat /etc/os-release | head -2'
 
+# Both suites run even when the first fails; the exit status is 1 if either failed.
 test: setup
-	$(CARGO) test --workspace --release -- --test-threads=2
+	@status=0; \
+	$(CARGO) test --workspace --release -- --test-threads=2 || status=1; \
+	scripts/test-python || status=1; \
+	exit $$status
 
 lint:
 	$(CARGO) fmt --all --check

@@ -1,0 +1,118 @@
+"""Snapshot and restore, as in the py-arrakis README and the Arrakis README and
+cookbook. Skipped at run time while the server does not serve snapshots
+(issue 4): the probe looks for the route and for restore support."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from arrakis_server import error_message, http
+from conftest import vm_path
+
+
+@pytest.fixture(scope="module")
+def snapshots(base_url):
+    """Skips unless POST /v1/vms/{name}/snapshots and restore are served."""
+    r = http("POST", base_url + vm_path("snapshot-probe-missing") + "/snapshots", json={"snapshotId": "p"})
+    if r.status_code in (404, 405, 501) and ("no route" in r.text or r.status_code != 404):
+        pytest.skip(f"snapshot/restore: issue 4 (POST .../snapshots answers {r.status_code})")
+    r = http("POST", base_url + "/v1/vms", json={"vmName": "snapshot-probe", "snapshotId": "no-such-snapshot"})
+    if r.status_code == 501:
+        pytest.skip("snapshot/restore: issue 4 (restore answers 501)")
+    http("DELETE", base_url + vm_path("snapshot-probe"))
+    return base_url
+
+
+def cleanup_snapshots(base_url: str, ids: list[str]) -> None:
+    for snapshot_id in ids:
+        try:
+            http("DELETE", f"{base_url}/v1/snapshots/{snapshot_id}")
+        except requests.RequestException:
+            pass
+
+
+def test_cookbook_snapshot_and_restore(snapshots, mgr, names):
+    """The Arrakis README/cookbook flow: restore under the same name; disk
+    and memory come back."""
+    base_url = snapshots
+    names("agent-sandbox")
+    try:
+        sb = mgr.start_sandbox("agent-sandbox")
+        sb.run_cmd("echo 'test data before snapshot' > /tmp/testfile")
+        # Memory only: /dev/shm is a tmpfs.
+        sb.run_cmd("echo 'in memory' > /dev/shm/memfile")
+        snapshot_id = sb.snapshot("initial-state")
+        assert snapshot_id == "initial-state"
+        assert sb.info()["status"] == "RUNNING"
+        sb.run_cmd("echo 'modified data' > /tmp/testfile")
+        sb.destroy()
+
+        restored = mgr.restore("agent-sandbox", snapshot_id)
+        assert restored.name == "agent-sandbox"
+        assert restored.run_cmd("cat /tmp/testfile") == {"output": "test data before snapshot\n", "error": ""}
+        assert restored.run_cmd("cat /dev/shm/memfile")["output"] == "in memory\n"
+        assert restored.info()["status"] == "RUNNING"
+    finally:
+        cleanup_snapshots(base_url, ["initial-state"])
+
+
+def test_py_arrakis_readme_restore_under_another_name(snapshots, mgr, names):
+    base_url = snapshots
+    names("my-sandbox")
+    names("my-vm")
+    try:
+        sandbox = mgr.start_sandbox("my-sandbox")
+        sandbox.run_cmd("echo 'state to keep' > /root/state.txt")
+        snapshot_id = sandbox.snapshot("snapshot-v1")
+        assert snapshot_id == "snapshot-v1"
+        sandbox.destroy()
+        restored = mgr.restore("my-vm", snapshot_id)
+        assert restored.name == "my-vm"
+        assert restored.run_cmd("cat /root/state.txt")["output"] == "state to keep\n"
+        assert "my-vm" in [s.name for s in mgr.list_all()]
+    finally:
+        cleanup_snapshots(base_url, ["snapshot-v1"])
+
+
+def test_default_snapshot_id_and_snapshot_of_a_restored_vm(snapshots, mgr, names):
+    """The SDK's default id; and snapshotting a restored VM, which failed on
+    the original server (its issue #4)."""
+    base_url = snapshots
+    ids = []
+    try:
+        name = names.unique("snap-default")
+        sb = mgr.start_sandbox(name)
+        first = sb.snapshot()
+        ids.append(first)
+        assert first.startswith(f"snapshot-{name}-"), first
+        sb.destroy()
+        restored = mgr.restore(name, first)
+        second = restored.snapshot(f"{first}-again")
+        ids.append(second)
+        assert second == f"{first}-again"
+        # A second restore under another name, from the second snapshot.
+        other = mgr.restore(names.unique("snap-copy"), second)
+        assert other.run_cmd("echo ok")["output"] == "ok\n"
+    finally:
+        cleanup_snapshots(base_url, ids)
+
+
+def test_duplicate_snapshot_id_is_409(snapshots, sandbox):
+    base_url = snapshots
+    try:
+        sandbox.snapshot("dup-id")
+        with pytest.raises(requests.HTTPError) as caught:
+            sandbox.snapshot("dup-id")
+        assert caught.value.response.status_code == 409
+        assert "dup-id" in error_message(caught.value.response)
+    finally:
+        cleanup_snapshots(base_url, ["dup-id"])
+
+
+def test_restore_from_unknown_snapshot_is_404(snapshots, mgr, names):
+    with pytest.raises(requests.HTTPError) as caught:
+        mgr.restore(names.unique("nothing"), "no-such-snapshot")
+    assert caught.value.response.status_code == 404
+    assert "no-such-snapshot" in error_message(caught.value.response)
+
