@@ -99,27 +99,12 @@ impl Server {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let child = self
-            .cmd(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_limited(child, args)
+        common::run_captured(self.cmd(args), args)
     }
 
     /// Runs and insists on success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "arrakis {args:?} failed: {}\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::expect_ok(self.run(args), args)
     }
 
     /// Runs with `input` on stdin.

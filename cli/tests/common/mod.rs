@@ -38,6 +38,30 @@ pub fn wait_limited(child: Child, args: &[&str]) -> Output {
     out
 }
 
+/// Runs `cmd` with no stdin and captured output, bounded by `CALL_LIMIT`.
+pub fn run_captured(mut cmd: std::process::Command, args: &[&str]) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_limited(child, args)
+}
+
+/// Insists that `out` succeeded; returns its stdout.
+pub fn expect_ok(out: Output, args: &[&str]) -> String {
+    assert!(
+        out.status.success(),
+        "arrakis {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn artifacts_home() -> PathBuf {
     std::env::var_os("ARRAKIS_HOME")
         .map(PathBuf::from)
