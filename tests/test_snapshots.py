@@ -116,3 +116,50 @@ def test_restore_from_unknown_snapshot_is_404(snapshots, mgr, names):
     assert caught.value.response.status_code == 404
     assert "no-such-snapshot" in error_message(caught.value.response)
 
+
+
+def test_fork_rollback_and_explicit_restore(snapshots, mgr, names):
+    """Beyond the original: fork N copies of a snapshot at once (independent
+    machines), restore through its own route, and roll a VM back in place."""
+    base_url = snapshots
+    for name in ("forked", "explicit"):
+        names(name)
+    try:
+        src = mgr.start_sandbox("forked")
+        src.run_cmd("echo base > /tmp/state; cat /proc/sys/kernel/random/boot_id > /tmp/boot")
+        boot_id = src.run_cmd("cat /proc/sys/kernel/random/boot_id")["output"]
+        src.snapshot("fork-base")
+        r = http("POST", f"{base_url}/v1/snapshots/fork-base/fork", json={"count": 3})
+        assert r.status_code == 200, r.text
+        forks = [vm["vmName"] for vm in r.json()["vms"]]
+        assert forks == ["fork-base-fork-1", "fork-base-fork-2", "fork-base-fork-3"]
+        for name in forks:
+            names(name)
+        seen = set()
+        for i, name in enumerate(forks):
+            out = http("POST", base_url + vm_path(name) + "/exec", json={
+                "shell": f"cat /tmp/state; cat /proc/sys/kernel/random/boot_id; "
+                         f"cat /etc/machine-id; hostname; head -c 16 /dev/urandom | od -An -tx1; "
+                         f"echo mine-{i} > /tmp/mine"}).json()
+            assert out["exitCode"] == 0, out
+            state, fork_boot, machine_id, hostname, random = out["stdout"].splitlines()[:5]
+            assert state == "base" and fork_boot + "\n" == boot_id, out
+            seen.add((machine_id, hostname, random))
+        assert len({s[0] for s in seen}) == 3 and len({s[1] for s in seen}) == 3 and len({s[2] for s in seen}) == 3, seen
+        # Writes in one fork are invisible to the others.
+        out = http("POST", base_url + vm_path(forks[1]) + "/exec", json={"shell": "cat /tmp/mine"}).json()
+        assert out["stdout"] == "mine-1\n", out
+
+        r = http("POST", f"{base_url}/v1/snapshots/fork-base/restore", json={"vmName": "explicit"})
+        assert r.status_code == 200 and r.json()["fromSnapshot"] == "fork-base", r.text
+
+        # Rollback in place: same name, the snapshot's disk again.
+        src.run_cmd("echo changed > /tmp/state")
+        r = http("POST", base_url + vm_path("forked") + "/rollback", json={"snapshotId": "fork-base"})
+        assert r.status_code == 200 and r.json()["vmName"] == "forked", r.text
+        assert src.run_cmd("cat /tmp/state")["output"] == "base\n"
+
+        r = http("POST", f"{base_url}/v1/snapshots/fork-base/fork", json={"count": 0})
+        assert r.status_code == 400 and "count" in error_message(r)
+    finally:
+        cleanup_snapshots(base_url, ["fork-base"])

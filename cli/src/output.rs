@@ -222,6 +222,7 @@ mod tests {
             memory_mb,
             image: "default".into(),
             created_at: "2025-05-26T07:17:03Z".into(),
+            from_snapshot: None,
         }
     }
 
@@ -255,6 +256,7 @@ my sandbox é  STOPPED     12  16384M  default  2025-05-26 07:17:03
             memory_mb: 256,
             image: "default".into(),
             size_bytes: 3 * 1024 * 1024 / 2,
+            parent_snapshot: None,
         };
         assert_eq!(
             snapshot_table(&[snapshot]),

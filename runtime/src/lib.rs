@@ -42,6 +42,6 @@ pub use agent::{
 };
 pub use config::{AccelMode, ConfigError, RuntimeConfig};
 pub use error::{ErrorKind, RuntimeError};
-pub use manager::{Manager, SandboxInfo, SnapshotInfo};
+pub use manager::{ForkSource, Manager, SandboxInfo, SnapshotInfo, MAX_FORKS};
 pub use sandbox::{InvalidTransition, Operation, SandboxState};
 pub use spec::SandboxSpec;

@@ -62,6 +62,9 @@ pub enum Operation {
     Halted,
     /// QEMU exited unexpectedly.
     Died,
+    /// Replace the sandbox's memory, devices and disk with a snapshot's:
+    /// its VM (if any) is killed and it boots again from the snapshot.
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +88,7 @@ impl SandboxState {
             (S::Running, O::Agent) => S::Running,
             (S::Running, O::Snapshot) => S::Running,
             (S::Paused, O::Snapshot) => S::Paused,
+            (S::Running | S::Paused | S::Stopped | S::Crashed, O::Rollback) => S::Starting,
             (S::Creating | S::Starting, O::Booted) => S::Running,
             (S::Starting, O::BootFailed) => S::Stopped,
             (S::Stopping, O::Halted) => S::Stopped,
@@ -163,6 +167,7 @@ impl Operation {
             Operation::BootFailed => "fail booting",
             Operation::Halted => "halt",
             Operation::Died => "crash",
+            Operation::Rollback => "roll back",
         }
     }
 }
@@ -179,7 +184,8 @@ mod tests {
     use super::SandboxState as S;
     use super::*;
 
-    const ALL_OPS: [Operation; 11] = [
+    const ALL_OPS: [Operation; 12] = [
+        O::Rollback,
         O::Start,
         O::Snapshot,
         O::Pause,
@@ -205,6 +211,10 @@ mod tests {
         (S::Running, O::Stop, S::Stopping),
         (S::Running, O::Agent, S::Running),
         (S::Running, O::Snapshot, S::Running),
+        (S::Running, O::Rollback, S::Starting),
+        (S::Paused, O::Rollback, S::Starting),
+        (S::Stopped, O::Rollback, S::Starting),
+        (S::Crashed, O::Rollback, S::Starting),
         (S::Running, O::Died, S::Crashed),
         (S::Running, O::Destroy, S::Destroying),
         (S::Paused, O::Resume, S::Running),

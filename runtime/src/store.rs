@@ -76,6 +76,11 @@ const MIGRATIONS: &[&str] = &[
         next_layer  TEXT REFERENCES layers(id),
         created_at  INTEGER NOT NULL
     ) STRICT;",
+    // v3: lineage. The snapshot a sandbox was restored, forked or rolled
+    // back from, and the one its snapshots' sandbox came from (free text:
+    // the snapshot may since be deleted).
+    "ALTER TABLE sandboxes ADD COLUMN from_snapshot TEXT;
+    ALTER TABLE snapshots ADD COLUMN parent_snapshot TEXT;",
 ];
 
 /// Every layer that is live (see the module documentation).
@@ -154,6 +159,9 @@ pub struct SandboxRecord {
     /// before layers existed (their disk is the sandbox directory's
     /// `overlay.qcow2` until their next start).
     pub disk_layer: Option<String>,
+    /// The snapshot this sandbox was last restored, forked or rolled back
+    /// from (which may since be deleted); `None` for a cold-created one.
+    pub from_snapshot: Option<String>,
 }
 
 /// A layer row to insert along with the record that references it.
@@ -213,6 +221,8 @@ pub struct SnapshotRecord {
     pub next_layer: Option<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The `from_snapshot` of the sandbox when it was taken.
+    pub parent_snapshot: Option<String>,
 }
 
 pub struct Store {
@@ -309,6 +319,48 @@ impl Store {
                 });
             }
             insert_sandbox(tx, record, Some(layer), max_sandboxes)
+        })
+    }
+
+    /// Moves the sandbox `name` with id `id` onto `layer`, a new layer on
+    /// snapshot `snapshot`'s frozen one, for a rollback: records the new
+    /// top layer, the lineage, `state` and no pid, and returns the layers
+    /// that became unreachable (its old ones, unless a snapshot or another
+    /// sandbox stands on them). `MissingSnapshot` if the snapshot is gone.
+    pub fn rollback_disk(
+        &self,
+        name: &str,
+        id: &str,
+        layer: &NewLayer,
+        snapshot: &str,
+        state: SandboxState,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write("roll a sandbox back", |tx| {
+            let snap = get_snapshot(tx, snapshot)?
+                .filter(|s| s.state == SnapshotState::Ready)
+                .ok_or_else(|| StoreError::MissingSnapshot {
+                    id: snapshot.to_string(),
+                })?;
+            if layer.parent.as_deref() != Some(snap.layer.as_str()) {
+                return Err(StoreError::MissingSnapshot {
+                    id: snapshot.to_string(),
+                });
+            }
+            insert_layer(tx, &layer.id, layer.parent.as_deref())?;
+            let changed = tx
+                .execute(
+                    "UPDATE sandboxes SET disk_layer = ?3, from_snapshot = ?4, state = ?5,
+                                          pid = NULL
+                     WHERE name = ?1 AND id = ?2",
+                    params![name, id, layer.id, snapshot, state.as_str()],
+                )
+                .map_err(query_err("roll a sandbox back"))?;
+            if changed == 0 {
+                return Err(StoreError::Missing {
+                    name: name.to_string(),
+                });
+            }
+            collect_garbage(tx)
         })
     }
 
@@ -434,8 +486,8 @@ impl Store {
             let result = tx.execute(
                 "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
                                         image, image_path, env, accel, layer, next_layer,
-                                        created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                        created_at, parent_snapshot)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     snap.id,
                     snap.dir,
@@ -451,6 +503,7 @@ impl Store {
                     snap.layer,
                     snap.next_layer,
                     snap.created_at as i64,
+                    snap.parent_snapshot,
                 ],
             );
             match result {
@@ -637,8 +690,8 @@ fn insert_sandbox(
     }
     let result = tx.execute(
         "INSERT INTO sandboxes (name, id, vcpus, memory_mb, image, image_path, state, pid,
-                                accel, created_at, boot_count, env, disk_layer)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                accel, created_at, boot_count, env, disk_layer, from_snapshot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             record.name,
             record.id,
@@ -653,6 +706,7 @@ fn insert_sandbox(
             record.boot_count,
             env_to_json(&record.env),
             record.disk_layer,
+            record.from_snapshot,
         ],
     );
     match result {
@@ -757,6 +811,7 @@ struct RawRecord {
     boot_count: u32,
     env: String,
     disk_layer: Option<String>,
+    from_snapshot: Option<String>,
 }
 
 impl RawRecord {
@@ -775,6 +830,7 @@ impl RawRecord {
             boot_count: row.get("boot_count")?,
             env: row.get("env")?,
             disk_layer: row.get("disk_layer")?,
+            from_snapshot: row.get("from_snapshot")?,
         })
     }
 
@@ -814,6 +870,7 @@ impl RawRecord {
             pid: self.pid,
             boot_count: self.boot_count,
             disk_layer: self.disk_layer,
+            from_snapshot: self.from_snapshot,
         })
     }
 }
@@ -834,6 +891,7 @@ struct RawSnapshot {
     layer: String,
     next_layer: Option<String>,
     created_at: i64,
+    parent_snapshot: Option<String>,
 }
 
 impl RawSnapshot {
@@ -853,6 +911,7 @@ impl RawSnapshot {
             layer: row.get("layer")?,
             next_layer: row.get("next_layer")?,
             created_at: row.get("created_at")?,
+            parent_snapshot: row.get("parent_snapshot")?,
         })
     }
 
@@ -890,6 +949,7 @@ impl RawSnapshot {
             image: self.image,
             layer: self.layer,
             next_layer: self.next_layer,
+            parent_snapshot: self.parent_snapshot,
         })
     }
 }
@@ -913,6 +973,7 @@ mod tests {
             boot_count: 0,
             env: BTreeMap::new(),
             disk_layer: None,
+            from_snapshot: None,
         }
     }
 
@@ -943,6 +1004,7 @@ mod tests {
             layer: of.disk_layer.clone().unwrap(),
             next_layer: Some(next.into()),
             created_at: 1_700_000_001,
+            parent_snapshot: None,
         }
     }
 
@@ -1213,6 +1275,79 @@ mod tests {
         drop(store);
         // Reopening migrates nothing more.
         Store::open(&path).unwrap();
+    }
+
+    /// A version 2 database gains the lineage columns, empty.
+    #[test]
+    fn migrates_a_version_2_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO sandboxes (name, id, vcpus, memory_mb, image, image_path, state,
+                                        accel, created_at)
+                 VALUES ('old', ?1, 1, 256, 'default', '/i/r.ext4', 'stopped', 'tcg', 5)",
+                [ID_A],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get("old").unwrap().unwrap().from_snapshot, None);
+        let (mut b, l) = on_layer("b", ID_B, &layer(1));
+        b.from_snapshot = Some("s".into());
+        store.insert(&b, Some(&l), 0).unwrap();
+        assert_eq!(store.get("b").unwrap().unwrap(), b);
+    }
+
+    /// A rollback moves the sandbox onto a new layer on the snapshot's and
+    /// frees the layers only it used.
+    #[test]
+    fn rollback_swaps_the_disk_and_collects_the_old_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("a.db")).unwrap();
+        let (a, l1) = on_layer("a", ID_A, &layer(1));
+        store.insert(&a, Some(&l1), 0).unwrap();
+        let mut snap = snapshot("s", &layer(0xf1), &a, &layer(2));
+        snap.parent_snapshot = Some("older".into());
+        store.begin_snapshot(&snap).unwrap();
+        store.switch_disk("s").unwrap();
+        store.finish_snapshot("s").unwrap();
+        assert_eq!(
+            store.get_snapshot("s").unwrap().unwrap().parent_snapshot,
+            Some("older".into())
+        );
+        let l3 = NewLayer {
+            id: layer(3),
+            parent: Some(layer(1)),
+        };
+        let dead = store
+            .rollback_disk("a", ID_A, &l3, "s", SandboxState::Starting)
+            .unwrap();
+        assert_eq!(dead, [layer(2)]);
+        let now = store.get("a").unwrap().unwrap();
+        assert_eq!(
+            (now.disk_layer, now.from_snapshot, now.state, now.pid),
+            (
+                Some(layer(3)),
+                Some("s".into()),
+                SandboxState::Starting,
+                None
+            )
+        );
+        // A layer not on the snapshot's is refused.
+        let bad = NewLayer {
+            id: layer(4),
+            parent: Some(layer(3)),
+        };
+        let err = store
+            .rollback_disk("a", ID_A, &bad, "s", SandboxState::Starting)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::MissingSnapshot { .. }), "{err}");
+        assert_eq!(layer_set(&store), [layer(1), layer(3)]);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!
 //! Each test has its own temporary state directory and a guard that kills
 //! every QEMU started under it, even when the test fails; each is bounded in
-//! time. Every test boots at most two VMs; run with `--test-threads=2` or
-//! fewer on a 2-core machine.
+//! time. Every test boots at most two VMs at once, except the fork of five
+//! (six 256 MiB VMs, restored four at a time); run with `--test-threads=2`
+//! or fewer on a 2-core machine.
 
 use std::future::Future;
 use std::path::Path;
@@ -14,8 +15,8 @@ use std::time::Duration;
 
 use arrakis_protocol::{Command, ErrorCode, ExecRequest, FileKind};
 use arrakis_runtime::{
-    AgentClient, AgentError, ErrorKind, ExecOptions, RuntimeError, SandboxSpec, SandboxState,
-    WriteOptions,
+    AgentClient, AgentError, ErrorKind, ExecOptions, ForkSource, RuntimeError, SandboxSpec,
+    SandboxState, WriteOptions,
 };
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -1003,6 +1004,267 @@ fn snapshot_and_restore_timings() {
         for i in 0..3 {
             manager.delete_snapshot(&format!("t{i}")).await.unwrap();
         }
+        assert_all_gone(&env);
+    });
+}
+
+/// Five forks of one snapshot at once: each runs from the snapshot's
+/// instant (same boot id: memory restored, no reboot) but is its own
+/// machine (hostname, machine id, entropy, disk). Prints the timings.
+#[test]
+fn a_fork_of_five_makes_five_distinct_machines() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let started = std::time::Instant::now();
+        manager.create(SandboxSpec::named("parent")).await.unwrap();
+        let create = started.elapsed();
+        let parent = manager.agent("parent").await.unwrap();
+        let (boot_id, _, _) = sh(&parent, "cat /proc/sys/kernel/random/boot_id").await;
+        let (parent_machine_id, _, _) = sh(&parent, "cat /etc/machine-id 2>/dev/null").await;
+        drop(parent);
+        let snap = manager
+            .snapshot("parent", Some("seed".into()))
+            .await
+            .unwrap();
+        assert_eq!(snap.parent_snapshot, None);
+
+        let started = std::time::Instant::now();
+        let forks = manager
+            .fork(ForkSource::Snapshot("seed".into()), 5, "worker")
+            .await
+            .expect("fork");
+        let fork_time = started.elapsed();
+        let names: Vec<&str> = forks.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["worker-1", "worker-2", "worker-3", "worker-4", "worker-5"]
+        );
+        let (mut hostnames, mut machine_ids, mut randoms) = (Vec::new(), Vec::new(), Vec::new());
+        for fork in &forks {
+            assert_eq!(fork.state, SandboxState::Running);
+            assert_eq!(fork.from_snapshot.as_deref(), Some("seed"));
+            let agent = manager.agent(&fork.name).await.unwrap();
+            assert_eq!(
+                sh(&agent, "cat /proc/sys/kernel/random/boot_id").await.0,
+                boot_id,
+                "{} was rebooted, not restored",
+                fork.name
+            );
+            hostnames.push(agent.info().await.unwrap().hostname);
+            let (id, _, _) = sh(&agent, "cat /etc/machine-id").await;
+            let id = id.trim().to_string();
+            assert!(
+                id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id:?}"
+            );
+            machine_ids.push(id);
+            randoms.push(sh(&agent, "head -c 16 /dev/urandom | od -x").await.0);
+        }
+        sh(
+            &manager.agent("worker-1").await.unwrap(),
+            "echo mine > /root/only-in-1; sync",
+        )
+        .await;
+        for name in &names[1..] {
+            let agent = manager.agent(name).await.unwrap();
+            let (_, _, code) = sh(&agent, "test -e /root/only-in-1").await;
+            assert_ne!(code, 0, "{name} sees worker-1's file");
+        }
+        for values in [&hostnames, &machine_ids, &randoms] {
+            let mut unique = values.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), 5, "{values:?}");
+        }
+        assert!(!machine_ids.contains(&parent_machine_id.trim().to_string()));
+        // Lineage: a snapshot of a fork names the fork's snapshot.
+        let child = manager
+            .snapshot("worker-2", Some("of a fork".into()))
+            .await
+            .unwrap();
+        assert_eq!(child.parent_snapshot.as_deref(), Some("seed"));
+        eprintln!(
+            "TIMINGS fork_of_5_ms={:.0} cold_create_ms={:.0}",
+            ms(fork_time),
+            ms(create)
+        );
+        for name in names.iter().chain(&["parent"]) {
+            manager.destroy(name).await.unwrap();
+        }
+        for id in ["seed", "of a fork"] {
+            manager.delete_snapshot(id).await.unwrap();
+        }
+        assert_all_gone(&env);
+    });
+}
+
+/// A fork of a running sandbox: it goes on, the forks have its memory and
+/// disk, and the snapshot taken for the fork is gone afterwards.
+#[test]
+fn a_fork_of_a_running_sandbox() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("live")).await.unwrap();
+        let live = manager.agent("live").await.unwrap();
+        sh(&live, "echo disk > /root/d; echo mem > /dev/shm/m").await;
+        let forks = manager
+            .fork(ForkSource::Sandbox("live".into()), 2, "copy")
+            .await
+            .expect("fork of a sandbox");
+        assert_eq!(forks.len(), 2);
+        assert!(manager.list_snapshots().await.unwrap().is_empty());
+        assert_eq!(
+            manager.get("live").await.unwrap().state,
+            SandboxState::Running
+        );
+        assert_eq!(sh(&live, "cat /root/d").await.0, "disk\n");
+        for fork in &forks {
+            assert!(fork.from_snapshot.as_deref().unwrap().starts_with("fork-"));
+            let agent = manager.agent(&fork.name).await.unwrap();
+            assert_eq!(sh(&agent, "cat /root/d /dev/shm/m").await.0, "disk\nmem\n");
+        }
+        // Bad counts and taken names are refused before anything starts.
+        let err = manager
+            .fork(ForkSource::Sandbox("live".into()), 0, "x")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        let err = manager
+            .fork(ForkSource::Sandbox("live".into()), 65, "x")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        let err = manager
+            .fork(ForkSource::Sandbox("live".into()), 3, "copy")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        let err = manager
+            .fork(ForkSource::Snapshot("nope".into()), 1, "x")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert_eq!(manager.list().await.unwrap().len(), 3);
+        drop(live);
+        for name in ["live", "copy-1", "copy-2"] {
+            manager.destroy(name).await.unwrap();
+        }
+        assert_all_gone(&env);
+    });
+}
+
+/// Rollback in place: same name and id, the snapshot's disk and memory,
+/// the old layers freed; a mismatched snapshot is refused.
+#[test]
+fn rollback_restores_a_sandbox_in_place() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        let before = manager.create(SandboxSpec::named("rb")).await.unwrap();
+        let agent = manager.agent("rb").await.unwrap();
+        sh(
+            &agent,
+            "echo old > /root/f; echo old-mem > /dev/shm/m; sync",
+        )
+        .await;
+        let (boot_id, _, _) = sh(&agent, "cat /proc/sys/kernel/random/boot_id").await;
+        manager.snapshot("rb", Some("good".into())).await.unwrap();
+        sh(
+            &agent,
+            "echo new > /root/f; echo new-mem > /dev/shm/m; sync",
+        )
+        .await;
+        drop(agent);
+        let layers_before = TestEnv::entries(&env.layers_dir()).len();
+
+        let after = manager.rollback("rb", "good").await.expect("rollback");
+        assert_eq!(
+            (after.name.as_str(), after.id.as_str()),
+            ("rb", before.id.as_str())
+        );
+        assert_eq!(after.state, SandboxState::Running);
+        assert_eq!(after.from_snapshot.as_deref(), Some("good"));
+        let agent = manager.agent("rb").await.unwrap();
+        assert_eq!(
+            sh(&agent, "cat /root/f /dev/shm/m").await.0,
+            "old\nold-mem\n"
+        );
+        assert_eq!(
+            sh(&agent, "cat /proc/sys/kernel/random/boot_id").await.0,
+            boot_id
+        );
+        assert_eq!(agent.info().await.unwrap().hostname, "rb");
+        // The layer the sandbox wrote after the snapshot is gone; a new one
+        // on the snapshot's replaced it.
+        assert_eq!(TestEnv::entries(&env.layers_dir()).len(), layers_before);
+        drop(agent);
+
+        // Also from stopped, and twice in a row.
+        manager.stop("rb").await.unwrap();
+        manager
+            .rollback("rb", "good")
+            .await
+            .expect("rollback of a stopped sandbox");
+        let agent = manager.agent("rb").await.unwrap();
+        assert_eq!(sh(&agent, "cat /root/f").await.0, "old\n");
+        drop(agent);
+
+        // A snapshot of another shape is refused, and nothing changes.
+        manager
+            .create(SandboxSpec {
+                memory_mb: Some(320),
+                ..SandboxSpec::named("other")
+            })
+            .await
+            .unwrap();
+        manager.snapshot("other", Some("big".into())).await.unwrap();
+        let err = manager.rollback("rb", "big").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert_eq!(
+            manager.get("rb").await.unwrap().state,
+            SandboxState::Running
+        );
+        let err = manager.rollback("rb", "missing").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+        for name in ["rb", "other"] {
+            manager.destroy(name).await.unwrap();
+        }
+        for id in ["good", "big"] {
+            manager.delete_snapshot(id).await.unwrap();
+        }
+        assert_all_gone(&env);
+    });
+}
+
+/// A fork that does not fit the quota starts nothing.
+#[test]
+fn a_fork_beyond_the_quota_starts_nothing() {
+    let mut env = TestEnv::new();
+    env.config.max_sandboxes = 3;
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("q")).await.unwrap();
+        manager.snapshot("q", Some("qs".into())).await.unwrap();
+        let err = manager
+            .fork(ForkSource::Snapshot("qs".into()), 3, "f")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+        assert_eq!(manager.list().await.unwrap().len(), 1);
+        assert_eq!(qemu_pids_under(&env.sandboxes_dir()).len(), 1);
+        let forks = manager
+            .fork(ForkSource::Snapshot("qs".into()), 2, "f")
+            .await
+            .expect("a fork within the quota");
+        for fork in forks {
+            manager.destroy(&fork.name).await.unwrap();
+        }
+        manager.destroy("q").await.unwrap();
+        manager.delete_snapshot("qs").await.unwrap();
         assert_all_gone(&env);
     });
 }

@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::openapi::{__path_openapi_json, openapi_json};
+use crate::wire::Vm;
 use crate::AppState;
 use cmd::{__path_run, run};
 use exec::{__path_exec, __path_exec_ws, exec, exec_ws};
@@ -33,6 +34,10 @@ use snapshots::{
     __path_list_of_vm as __path_list_vm_snapshots, create as create_snapshot,
     delete as delete_snapshot, get as get_snapshot, list as list_snapshots,
     list_of_vm as list_vm_snapshots,
+};
+use snapshots::{
+    __path_fork_snapshot, __path_fork_vm, __path_restore as __path_restore_snapshot,
+    __path_rollback, fork_snapshot, fork_vm, restore as restore_snapshot, rollback,
 };
 use vms::{
     __path_destroy, __path_destroy_all, __path_get, __path_list, __path_start, __path_update,
@@ -59,6 +64,17 @@ pub(crate) fn all() -> OpenApiRouter<AppState> {
         .routes(routes!(create_snapshot, list_vm_snapshots))
         .routes(routes!(list_snapshots))
         .routes(routes!(get_snapshot, delete_snapshot))
+        .routes(routes!(restore_snapshot))
+        .routes(routes!(fork_snapshot))
+        .routes(routes!(fork_vm))
+        .routes(routes!(rollback))
+}
+
+/// The wire object of a VM, with its port forwards.
+pub(crate) fn vm_of(state: &AppState, info: &arrakis_runtime::SandboxInfo) -> Vm {
+    let mut vm = Vm::from(info);
+    vm.port_forwards = state.forwards.list(&info.name);
+    vm
 }
 
 /// An agent failure during a request, as the caller should see it: when

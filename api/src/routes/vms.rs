@@ -4,7 +4,7 @@ use arrakis_runtime::{ErrorKind, SandboxState};
 use axum::extract::State;
 use axum::Json;
 
-use super::detached;
+use super::{detached, vm_of};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, VmName};
 use crate::metrics::Operation;
@@ -86,13 +86,6 @@ pub(crate) async fn start(
     }
     state.metrics.operation(Operation::Boot, started.elapsed());
     Ok(Json(vm_of(&state, &info)))
-}
-
-/// The wire object of a VM, with its port forwards.
-fn vm_of(state: &AppState, info: &arrakis_runtime::SandboxInfo) -> Vm {
-    let mut vm = Vm::from(info);
-    vm.port_forwards = state.forwards.list(&info.name);
-    vm
 }
 
 /// Every VM.

@@ -77,6 +77,9 @@ pub struct Vm {
     pub memory_mb: u32,
     pub image: String,
     pub created_at: String,
+    /// The snapshot this VM was restored or forked from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -127,6 +130,7 @@ impl From<&SandboxInfo> for Vm {
             memory_mb: info.memory_mb,
             image: info.image.clone(),
             created_at: rfc3339(info.created_at),
+            from_snapshot: info.from_snapshot.clone(),
         }
     }
 }
@@ -595,6 +599,7 @@ mod tests {
             memory_mb: 256,
             image: "default".into(),
             created_at: rfc3339(1_748_243_823),
+            from_snapshot: None,
         };
         assert_eq!(
             serde_json::to_value(&vm).unwrap(),

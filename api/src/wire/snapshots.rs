@@ -29,9 +29,40 @@ pub struct Snapshot {
     pub image: String,
     /// Bytes on the host's disk.
     pub size_bytes: u64,
+    /// The snapshot the VM was itself restored or forked from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
+}
+
+/// `POST /v1/snapshots/{id}/fork` and `POST /v1/vms/{name}/fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many sandboxes, 1 to 64.
+    pub count: u32,
+    /// The forks are named `{namePrefix}-1` to `{namePrefix}-{count}`;
+    /// default: the snapshot id or the VM's name, plus `-fork`.
+    #[serde(default)]
+    pub name_prefix: Option<String>,
+}
+
+/// `POST /v1/snapshots/{id}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The name of the new VM.
+    pub vm_name: String,
+}
+
+/// `POST /v1/vms/{name}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The snapshot whose state replaces the VM's.
+    pub snapshot_id: String,
 }

@@ -219,43 +219,26 @@ pub async fn get_archive(
     .await
 }
 
-/// A runtime snapshot record as the API's [`Snapshot`] (a macro, so the
-/// runtime's type need not be named).
-macro_rules! snapshot_wire {
-    ($info:expr) => {{
-        let info = $info;
-        Snapshot {
-            snapshot_id: info.id,
-            vm_name: info.sandbox,
-            created_at: arrakis_api::wire::rfc3339(info.created_at),
-            vcpus: info.vcpus,
-            memory_mb: info.memory_mb,
-            image: info.image,
-            size_bytes: info.size_bytes,
-        }
-    }};
-}
-
 pub async fn snapshot(
     manager: &Manager,
     name: &str,
     id: Option<String>,
 ) -> anyhow::Result<Snapshot> {
-    Ok(snapshot_wire!(manager.snapshot(name, id).await?))
+    Ok(Snapshot::from(&manager.snapshot(name, id).await?))
 }
 
 pub async fn snapshots(manager: &Manager, vm: Option<&str>) -> anyhow::Result<Vec<Snapshot>> {
     let mut list = Vec::new();
     for info in manager.list_snapshots().await? {
         if vm.is_none_or(|vm| info.sandbox == vm) {
-            list.push(snapshot_wire!(info));
+            list.push(Snapshot::from(&info));
         }
     }
     Ok(list)
 }
 
 pub async fn get_snapshot(manager: &Manager, id: &str) -> anyhow::Result<Snapshot> {
-    Ok(snapshot_wire!(manager.get_snapshot(id).await?))
+    Ok(Snapshot::from(&manager.get_snapshot(id).await?))
 }
 
 pub async fn delete_snapshot(manager: &Manager, id: &str) -> anyhow::Result<()> {

@@ -114,6 +114,7 @@ impl Manager {
             boot_count: 0,
             env: resolved.env,
             disk_layer: Some(new_id()?),
+            from_snapshot: None,
         })
     }
 

@@ -12,10 +12,12 @@
 //! [`reconcile`]). The manager is `Clone + Send + Sync`; no std mutex is
 //! held across an `.await`.
 //!
-//! Snapshots and restores live in [`snapshot`]; the sandbox quota
+//! Snapshots and restores live in [`snapshot`], fork and rollback in
+//! [`fork`]; the sandbox quota
 //! (`max_sandboxes`) is checked in the same store transaction that inserts
 //! a new record.
 
+mod fork;
 mod lifecycle;
 mod reconcile;
 mod snapshot;
@@ -40,6 +42,7 @@ use crate::store::{SandboxRecord, Store, StoreError};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{VmHandle, Vmm};
 
+pub use fork::{ForkSource, MAX_FORKS};
 pub use snapshot::SnapshotInfo;
 
 /// Handshake bound when connecting to the agent of a running sandbox.
@@ -64,6 +67,9 @@ pub struct SandboxInfo {
     pub console_log: PathBuf,
     /// Environment for every exec in the sandbox (front ends apply it).
     pub env: BTreeMap<String, String>,
+    /// The snapshot it was last restored, forked or rolled back from
+    /// (which may since be deleted); `None` if it was cold-created.
+    pub from_snapshot: Option<String>,
 }
 
 /// The agent session of one sandbox, connected on first use.
@@ -219,6 +225,41 @@ impl Manager {
             .await
     }
 
+    /// Starts `count` (1 to [`MAX_FORKS`]) new sandboxes
+    /// `<name_prefix>-1` .. `<name_prefix>-<count>` from one snapshot, or
+    /// from a running or paused sandbox (snapshotted first, and that
+    /// snapshot deleted afterwards), restoring a few at once. Each is its
+    /// own machine (hostname, clock, entropy, `/etc/machine-id`). All or
+    /// nothing: names, count and quota are checked before any VM starts,
+    /// and on any failure the forks made are destroyed. Returned in name
+    /// order.
+    pub async fn fork(
+        &self,
+        source: ForkSource,
+        count: u32,
+        name_prefix: &str,
+    ) -> Result<Vec<SandboxInfo>, RuntimeError> {
+        self.fork_inner(source, count, name_prefix)
+            .instrument(tracing::info_span!("fork", prefix = %name_prefix))
+            .await
+    }
+
+    /// Replaces the memory, devices and disk of sandbox `name` (running,
+    /// paused, stopped or crashed) with snapshot `snapshot_id`'s, keeping
+    /// its name, id and environment; it runs from the snapshot's instant
+    /// when this returns. The snapshot must have the sandbox's vCPUs,
+    /// memory and image (`InvalidArgument` otherwise); it need not be one
+    /// of the sandbox's own. Disk layers only the old state used are freed.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        snapshot_id: &str,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        self.rollback_inner(name, snapshot_id)
+            .instrument(span(name))
+            .await
+    }
+
     /// One sandbox, with its liveness refreshed.
     pub async fn get(&self, name: &str) -> Result<SandboxInfo, RuntimeError> {
         let record = self.record(name)?;
@@ -319,6 +360,7 @@ impl Manager {
             boot_count: record.boot_count,
             console_log: self.inner.layout.sandbox_dir(&record.id).console_log(),
             env: record.env.clone(),
+            from_snapshot: record.from_snapshot.clone(),
         }
     }
 

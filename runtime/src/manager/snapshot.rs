@@ -67,7 +67,7 @@ use super::{
     SandboxInfo,
 };
 use crate::accel::AccelKind;
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, WriteOptions};
 use crate::error::RuntimeError;
 use crate::lock::{LockError, SandboxLock};
 use crate::memfile;
@@ -79,6 +79,11 @@ use crate::vmm::{VmHandle, VmStatus};
 
 /// Bytes of entropy mixed into a restored clone's pool.
 const CLONE_ENTROPY: usize = 64;
+
+/// Random bytes of a clone's `/etc/machine-id` (32 hex digits).
+const MACHINE_ID_BYTES: usize = 16;
+
+const MACHINE_ID_PATH: &str = "/etc/machine-id";
 
 /// Console lines quoted in a restore error.
 const CONSOLE_TAIL_LINES: usize = 40;
@@ -101,6 +106,10 @@ pub struct SnapshotInfo {
     /// Bytes on the host's disk: memory, device state and the frozen disk
     /// layer (which restored sandboxes may share).
     pub size_bytes: u64,
+    /// The snapshot the sandbox was itself restored, forked or rolled back
+    /// from when this one was taken (which may since be deleted); `None`
+    /// if it was cold-created.
+    pub parent_snapshot: Option<String>,
 }
 
 /// How far a snapshot got, for the clean-up of a failure.
@@ -181,6 +190,7 @@ impl Manager {
             layer,
             next_layer: Some(new_id()?),
             created_at: now_secs(),
+            parent_snapshot: record.from_snapshot.clone(),
         };
         if let Err(error) = self.inner.store.begin_snapshot(&snap) {
             remove_file_if_exists(&snap_lock_path);
@@ -363,11 +373,12 @@ impl Manager {
             env: snap.env.clone(),
             accel: snap.accel,
             size_bytes,
+            parent_snapshot: snap.parent_snapshot.clone(),
         }
     }
 
     /// The complete snapshot `id`.
-    fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord, RuntimeError> {
+    pub(super) fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord, RuntimeError> {
         self.inner
             .store
             .get_snapshot(id)?
@@ -431,6 +442,68 @@ impl Manager {
             field: "name",
             message,
         })?;
+        let (snap_lock, snap) = self.open_snapshot(snapshot_id).await?;
+        let config = &self.inner.config;
+        let record = SandboxRecord {
+            name: new_name.to_string(),
+            id: new_id()?,
+            vcpus: snap.vcpus,
+            memory_mb: snap.memory_mb,
+            image: snap.image.clone(),
+            image_path: snap.image_path.clone(),
+            state: SandboxState::Creating,
+            pid: None,
+            accel: snap.accel,
+            created_at: now_secs(),
+            boot_count: 0,
+            env: snap.env.clone(),
+            disk_layer: Some(new_id()?),
+            from_snapshot: Some(snap.id.clone()),
+        };
+        let lock_path = self.inner.layout.lock_file(&record.id);
+        let lock = SandboxLock::try_acquire(&lock_path)
+            .map_err(|e| lock_error(new_name, e))?
+            .ok_or_else(|| RuntimeError::Busy {
+                name: new_name.to_string(),
+            })?;
+        let layer = NewLayer {
+            id: record.disk_layer.clone().unwrap_or_default(),
+            parent: Some(snap.layer.clone()),
+        };
+        let max = config.max_sandboxes;
+        if let Err(error) = self
+            .inner
+            .store
+            .insert_restored(&record, &layer, &snap.id, max)
+        {
+            remove_file_if_exists(&lock_path);
+            return Err(insert_error(error));
+        }
+        tracing::info!(id = %record.id, snapshot = %snap.id, "restoring sandbox");
+        let mut record = record;
+        match self.boot_restored(&mut record, &snap, snap_lock).await {
+            Ok(()) => {
+                drop(lock);
+                Ok(self.info(&record))
+            }
+            Err(error) => {
+                tracing::warn!(error = %error.chain(), "restore failed; cleaning up");
+                if let Err(cleanup) = self.teardown(&record).await {
+                    tracing::error!(error = %cleanup.chain(), "cleanup after a failed restore failed");
+                }
+                drop(lock);
+                Err(error)
+            }
+        }
+    }
+
+    /// Checks that snapshot `snapshot_id` can be restored here and takes its
+    /// shared lock (a delete waits until the files are read); returns the
+    /// lock and the snapshot as of then.
+    pub(super) async fn open_snapshot(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<(SandboxLock, SnapshotRecord), RuntimeError> {
         let snap = self.ready_snapshot(snapshot_id)?;
         let accel = self.inner.accel.kind();
         if snap.accel != accel {
@@ -474,61 +547,12 @@ impl Manager {
                 id: snapshot_id.to_string(),
             });
         };
-        let record = SandboxRecord {
-            name: new_name.to_string(),
-            id: new_id()?,
-            vcpus: snap.vcpus,
-            memory_mb: snap.memory_mb,
-            image: snap.image.clone(),
-            image_path: snap.image_path.clone(),
-            state: SandboxState::Creating,
-            pid: None,
-            accel: snap.accel,
-            created_at: now_secs(),
-            boot_count: 0,
-            env: snap.env.clone(),
-            disk_layer: Some(new_id()?),
-        };
-        let lock_path = self.inner.layout.lock_file(&record.id);
-        let lock = SandboxLock::try_acquire(&lock_path)
-            .map_err(|e| lock_error(new_name, e))?
-            .ok_or_else(|| RuntimeError::Busy {
-                name: new_name.to_string(),
-            })?;
-        let layer = NewLayer {
-            id: record.disk_layer.clone().unwrap_or_default(),
-            parent: Some(snap.layer.clone()),
-        };
-        let max = config.max_sandboxes;
-        if let Err(error) = self
-            .inner
-            .store
-            .insert_restored(&record, &layer, &snap.id, max)
-        {
-            remove_file_if_exists(&lock_path);
-            return Err(insert_error(error));
-        }
-        tracing::info!(id = %record.id, snapshot = %snap.id, "restoring sandbox");
-        let mut record = record;
-        match self.boot_restored(&mut record, &snap, snap_lock).await {
-            Ok(()) => {
-                drop(lock);
-                Ok(self.info(&record))
-            }
-            Err(error) => {
-                tracing::warn!(error = %error.chain(), "restore failed; cleaning up");
-                if let Err(cleanup) = self.teardown(&record).await {
-                    tracing::error!(error = %cleanup.chain(), "cleanup after a failed restore failed");
-                }
-                drop(lock);
-                Err(error)
-            }
-        }
+        Ok((snap_lock, snap))
     }
 
     /// Disk layer, RAM, incoming QEMU, state, `cont`, agent, fix-ups. On
     /// failure the caller tears the sandbox down.
-    async fn boot_restored(
+    pub(super) async fn boot_restored(
         &self,
         record: &mut SandboxRecord,
         snap: &SnapshotRecord,
@@ -622,8 +646,9 @@ impl Manager {
     }
 
     /// What makes a clone its own machine: the wall clock of now (the
-    /// guest's stopped at the snapshot), its own hostname, and entropy its
-    /// siblings do not share. The agent's `Configure` also takes network
+    /// guest's stopped at the snapshot), its own hostname, entropy its
+    /// siblings do not share, and a fresh `/etc/machine-id` (32 hex digits,
+    /// the systemd format) so that tools keyed on it tell clones apart. The agent's `Configure` also takes network
     /// settings; there is no guest network yet.
     async fn fix_up_clone(
         &self,
@@ -643,10 +668,29 @@ impl Manager {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        // Both at once: the session multiplexes.
-        tokio::try_join!(agent.set_time(now), agent.configure(configure))
-            .map(drop)
-            .map_err(agent_err)
+        let machine_id: String = random_bytes(MACHINE_ID_BYTES)?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let machine_id = format!("{machine_id}\n").into_bytes();
+        let write_machine_id = async {
+            let options = WriteOptions {
+                mode: Some(0o444),
+                ..WriteOptions::default()
+            };
+            agent
+                .write_file(MACHINE_ID_PATH, &mut machine_id.as_slice(), options)
+                .await
+                .map(drop)
+        };
+        // All at once: the session multiplexes.
+        tokio::try_join!(
+            agent.set_time(now),
+            agent.configure(configure),
+            write_machine_id
+        )
+        .map(drop)
+        .map_err(agent_err)
     }
 
     /// Finishes snapshots whose taker died (their lock is free): see the

@@ -188,6 +188,7 @@ impl Fixture {
                     boot_count: 1,
                     env: BTreeMap::new(),
                     disk_layer: None,
+                    from_snapshot: None,
                 },
                 None,
                 0,
@@ -237,6 +238,7 @@ impl Fixture {
                     boot_count: 1,
                     env: [("K".to_string(), "v".to_string())].into(),
                     disk_layer: Some(layer.into()),
+                    from_snapshot: None,
                 },
                 Some(&NewLayer {
                     id: layer.into(),
@@ -734,6 +736,7 @@ async fn an_interrupted_snapshot_is_repaired_at_open() {
             layer: L1.into(),
             next_layer: Some(L2.into()),
             created_at: 2,
+            parent_snapshot: None,
         };
         fx.store().begin_snapshot(&snap).unwrap();
         let dir = fx.layout().snapshot_dir(&snap.dir);
@@ -887,4 +890,101 @@ async fn a_dead_vm_gives_back_its_memory() {
     assert!(!fx.ram_file(&id(1)).exists());
     let err = manager.snapshot("box", None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+}
+
+/// A fork whose restores fail leaves no sandbox, layer or RAM file behind,
+/// and starts no more than its concurrency bound after the first failure;
+/// a fork of a sandbox deletes the snapshot it took.
+#[tokio::test]
+async fn a_failed_fork_leaves_nothing() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    manager.snapshot("box", Some("s".into())).await.unwrap();
+    let layers_before = layer_files(&fx);
+
+    for (count, prefix, kind) in [
+        (0, "w", ErrorKind::InvalidArgument),
+        (fork::MAX_FORKS + 1, "w", ErrorKind::InvalidArgument),
+        (2, "a/b", ErrorKind::InvalidArgument),
+    ] {
+        let err = manager
+            .fork(ForkSource::Snapshot("s".into()), count, prefix)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), kind, "{count} {prefix}: {err}");
+    }
+    assert!(vmm.launched.lock().unwrap().is_empty());
+
+    let err = manager
+        .fork(ForkSource::Snapshot("s".into()), 10, "w")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    let launched = vmm.launched.lock().unwrap().len();
+    assert!((1..=4).contains(&launched), "{launched} launches");
+    assert_eq!(manager.list().await.unwrap().len(), 1);
+    assert_eq!(layer_files(&fx), layers_before);
+
+    let err = manager
+        .fork(ForkSource::Sandbox("box".into()), 2, "w")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    let snapshots: Vec<String> = manager
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(snapshots, ["s"]);
+    assert_eq!(manager.list().await.unwrap().len(), 1);
+}
+
+/// A rollback whose boot fails leaves the sandbox stopped on a new layer
+/// over the snapshot's; a snapshot of another shape is refused first.
+#[tokio::test]
+async fn a_failed_rollback_leaves_the_sandbox_stopped_on_the_snapshot() {
+    let fx = Fixture::new();
+    fx.seed_on_layer("box", &id(1), SandboxState::Running, Some(101), L1);
+    let vmm = FakeVmm::with(&[(101, VmStatus::Running)]);
+    let manager = fx.open(vmm.clone()).await;
+    manager.snapshot("box", Some("s".into())).await.unwrap();
+    fx.store()
+        .conn_for_tests()
+        .execute(
+            "INSERT INTO snapshots SELECT 'other', 'ffffffffffffffff', state, sandbox,
+                    sandbox_id, vcpus, memory_mb * 2, image, image_path, env, accel, layer,
+                    next_layer, created_at, parent_snapshot FROM snapshots WHERE id = 's'",
+            [],
+        )
+        .unwrap();
+    let err = manager.rollback("box", "other").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(
+        manager.get("box").await.unwrap().state,
+        SandboxState::Running
+    );
+    let err = manager.rollback("box", "nope").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    let on_before = fx.store().get("box").unwrap().unwrap().disk_layer.unwrap();
+    let err = manager.rollback("box", "s").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert_eq!(vmm.killed.lock().unwrap().as_slice(), [101]);
+    let record = fx.store().get("box").unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.pid, record.from_snapshot.as_deref()),
+        (SandboxState::Stopped, None, Some("s"))
+    );
+    assert_ne!(record.disk_layer.as_deref(), Some(on_before.as_str()));
+    let parents = fx.store().layer_parents().unwrap();
+    assert_eq!(
+        parents[record.disk_layer.as_ref().unwrap()].as_deref(),
+        Some(L1)
+    );
+    // The layer the sandbox wrote after the snapshot is gone.
+    assert!(!parents.contains_key(&on_before));
 }
