@@ -308,16 +308,7 @@ impl Store {
         max_sandboxes: u32,
     ) -> Result<(), StoreError> {
         self.write("insert a restored sandbox", |tx| {
-            let snap = get_snapshot(tx, snapshot)?
-                .filter(|s| s.state == SnapshotState::Ready)
-                .ok_or_else(|| StoreError::MissingSnapshot {
-                    id: snapshot.to_string(),
-                })?;
-            if layer.parent.as_deref() != Some(snap.layer.as_str()) {
-                return Err(StoreError::MissingSnapshot {
-                    id: snapshot.to_string(),
-                });
-            }
+            check_layer_on_snapshot(tx, layer, snapshot)?;
             insert_sandbox(tx, record, Some(layer), max_sandboxes)
         })
     }
@@ -336,16 +327,7 @@ impl Store {
         state: SandboxState,
     ) -> Result<Vec<String>, StoreError> {
         self.write("roll a sandbox back", |tx| {
-            let snap = get_snapshot(tx, snapshot)?
-                .filter(|s| s.state == SnapshotState::Ready)
-                .ok_or_else(|| StoreError::MissingSnapshot {
-                    id: snapshot.to_string(),
-                })?;
-            if layer.parent.as_deref() != Some(snap.layer.as_str()) {
-                return Err(StoreError::MissingSnapshot {
-                    id: snapshot.to_string(),
-                });
-            }
+            check_layer_on_snapshot(tx, layer, snapshot)?;
             insert_layer(tx, &layer.id, layer.parent.as_deref())?;
             let changed = tx
                 .execute(
@@ -721,6 +703,25 @@ fn insert_sandbox(
             source,
         }),
     }
+}
+
+/// `MissingSnapshot` unless `snapshot` is ready and `layer` stands on its
+/// frozen layer.
+fn check_layer_on_snapshot(
+    tx: &Transaction<'_>,
+    layer: &NewLayer,
+    snapshot: &str,
+) -> Result<(), StoreError> {
+    let missing = || StoreError::MissingSnapshot {
+        id: snapshot.to_string(),
+    };
+    let snap = get_snapshot(tx, snapshot)?
+        .filter(|s| s.state == SnapshotState::Ready)
+        .ok_or_else(missing)?;
+    if layer.parent.as_deref() != Some(snap.layer.as_str()) {
+        return Err(missing());
+    }
+    Ok(())
 }
 
 fn get_snapshot(tx: &Transaction<'_>, id: &str) -> Result<Option<SnapshotRecord>, StoreError> {
