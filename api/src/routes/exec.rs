@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use arrakis_protocol::ExitStatus;
-use arrakis_runtime::{AgentClient, AgentError, ExecEvent, ExecOptions, ExecSession, RuntimeError};
+use arrakis_runtime::{AgentClient, AgentError, ExecEvent, ExecOptions, ExecSession};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
@@ -22,6 +22,7 @@ use axum::Json;
 use bytes::Bytes;
 use futures_util::Stream;
 
+use super::in_vm;
 use super::sandbox_env;
 use crate::error::ApiError;
 use crate::extract::{parse_body, JsonBody, VmName};
@@ -89,15 +90,6 @@ pub(crate) async fn exec(
         truncated: output.stdout_truncated || output.stderr_truncated,
     })
     .into_response())
-}
-
-fn in_vm(name: &str) -> impl Fn(AgentError) -> ApiError + '_ {
-    move |source| {
-        ApiError::from(RuntimeError::Agent {
-            name: name.to_string(),
-            source,
-        })
-    }
 }
 
 fn wants_events(headers: &HeaderMap) -> bool {

@@ -5,7 +5,7 @@
 
 use arrakis_protocol::FileKind;
 use arrakis_runtime::agent::error_chain;
-use arrakis_runtime::{AgentClient, RuntimeError, WriteOptions};
+use arrakis_runtime::{AgentClient, WriteOptions};
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -57,10 +57,7 @@ pub(crate) async fn upload(
             )
             .await
             .map_err(|source| {
-                let error = ApiError::from(RuntimeError::Agent {
-                    name: name.clone(),
-                    source,
-                });
+                let error = super::in_vm(&name)(source);
                 // The guest refused this path: not a missing VM (404) or a
                 // VM state (409), but a file this request cannot write.
                 let status = match error.status.as_u16() {

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use arrakis_protocol::{Command, ExecRequest, FileKind};
-use arrakis_runtime::{AgentClient, AgentError, RuntimeError, WriteOptions};
+use arrakis_runtime::{AgentClient, AgentError, WriteOptions};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
@@ -18,6 +18,7 @@ use futures_util::TryStreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use super::in_vm;
 use crate::archive::{self, EntryHeader, Kind, ReadKind};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Query, VmName};
@@ -30,15 +31,6 @@ use crate::AppState;
 
 /// Buffer between the agent and the HTTP body of a download.
 const PIPE_BYTES: usize = 256 * 1024;
-
-fn in_vm(name: &str) -> impl Fn(AgentError) -> ApiError + '_ {
-    move |source| {
-        ApiError::from(RuntimeError::Agent {
-            name: name.to_string(),
-            source,
-        })
-    }
-}
 
 /// Describes one path (symlinks are not followed).
 #[utoipa::path(

@@ -77,6 +77,16 @@ pub(crate) fn vm_of(state: &AppState, info: &arrakis_runtime::SandboxInfo) -> Vm
     vm
 }
 
+/// Maps an agent failure in sandbox `name` to its HTTP error.
+pub(crate) fn in_vm(name: &str) -> impl Fn(arrakis_runtime::AgentError) -> ApiError + '_ {
+    move |source| {
+        ApiError::from(arrakis_runtime::RuntimeError::Agent {
+            name: name.to_string(),
+            source,
+        })
+    }
+}
+
 /// An agent failure during a request, as the caller should see it: when
 /// the sandbox was destroyed or stopped meanwhile (the session ended
 /// because of that), a 409 saying so rather than an internal error.
@@ -98,10 +108,7 @@ async fn agent_failure(
                 info.state
             ),
         ),
-        _ => ApiError::from(arrakis_runtime::RuntimeError::Agent {
-            name: name.to_string(),
-            source,
-        }),
+        _ => in_vm(name)(source),
     }
 }
 
