@@ -9,12 +9,14 @@
 //!     qemu.pid                           written by QEMU (-pidfile)
 //!     console.log                        the guest serial console
 //!     qemu.log                           QEMU's own stderr at launch
+//!     memory.base                        a restored VM's RAM: a hard link to the
+//!                                        snapshot's memory.ram, mapped copy-on-write
 //!     overlay.qcow2                      only in sandboxes made before layers existed
 //! <state_dir>/layers/<layer>.qcow2       every disk image: a sandbox's writable top
 //!                                        layer and the frozen layers under it
 //! <state_dir>/snapshots/<dir>/           one per snapshot, named by an internal id
-//!     state.bin                          QEMU device state (migration stream)
-//!     memory.ram                         guest RAM, sparse
+//!     state.bin                          QEMU device state (no RAM)
+//!     memory.ram                         guest RAM, sparse; never written once ready
 //! <state_dir>/snapshots/<dir>.lock       flock: exclusive to create or delete,
 //!                                        shared while a restore reads the files
 //! <ram_dir>/<id>.ram                     guest RAM of a running VM (tmpfs)
@@ -155,6 +157,11 @@ impl SandboxDir {
         self.path.join("console.log")
     }
 
+    /// The RAM a restored VM maps privately (a link to a snapshot's).
+    pub fn memory_base(&self) -> PathBuf {
+        self.path.join("memory.base")
+    }
+
     pub fn qemu_log(&self) -> PathBuf {
         self.path.join("qemu.log")
     }
@@ -171,12 +178,12 @@ impl SnapshotDir {
         &self.path
     }
 
-    /// QEMU's device state: the migration stream without guest RAM.
+    /// QEMU's device state, without guest RAM.
     pub fn state_file(&self) -> PathBuf {
         self.path.join("state.bin")
     }
 
-    /// The guest RAM, a sparse copy of the VM's RAM file.
+    /// The guest RAM, sparse.
     pub fn memory_file(&self) -> PathBuf {
         self.path.join("memory.ram")
     }

@@ -1,5 +1,6 @@
 //! Guest RAM files: sparse copies between the tmpfs RAM directory and
-//! snapshot directories, and disk-usage accounting.
+//! snapshot directories, the capture of a copy-on-write VM's memory, and
+//! disk-usage accounting.
 //!
 //! A RAM file is as large as the guest's memory, but only the pages the
 //! guest touched are allocated. [`sparse_copy`] reads only the allocated
@@ -58,6 +59,164 @@ pub fn sparse_copy(src: &Path, dst: &Path, sync: bool) -> io::Result<u64> {
         output.sync_all()?;
     }
     Ok(written)
+}
+
+/// Makes `dst` the same file as `src` (a hard link), or a sparse copy of
+/// it where a link is impossible (another file system); replaces `dst`.
+pub fn link_or_copy(src: &Path, dst: &Path) -> io::Result<()> {
+    match std::fs::remove_file(dst) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        Err(_) => sparse_copy(src, dst, false).map(drop),
+    }
+}
+
+/// `/proc/PID/pagemap` bits (see the kernel's `pagemap.rst`).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE_OR_SHARED: u64 = 1 << 61;
+
+/// True when a pagemap entry says the process has its own copy of the page
+/// (written since it was mapped): present and anonymous, or swapped out.
+/// Pages still backed by the file are neither.
+fn is_private_copy(entry: u64) -> bool {
+    entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE_OR_SHARED == 0)
+}
+
+/// One line of `/proc/PID/maps` that maps a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileMapping {
+    start: u64,
+    end: u64,
+    /// Offset in the file of `start`.
+    offset: u64,
+    /// `major:minor` of the file's device, and its inode.
+    dev: (u32, u32),
+    inode: u64,
+}
+
+fn parse_maps_line(line: &str) -> Option<FileMapping> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    Some(FileMapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode,
+    })
+}
+
+/// What [`capture_private`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capture {
+    /// Bytes taken from the process (pages it had written).
+    pub private_bytes: u64,
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Captures the memory of process `pid`, which maps the file `base` (of
+/// `size` bytes) privately (copy-on-write), into `dst`: a sparse copy of
+/// `base` with the pages the process has written since (its private
+/// copies, found in `/proc/PID/pagemap`) read from `/proc/PID/mem` and
+/// written over it. The process must not write to the mapping meanwhile
+/// (the VM is paused). Needs the same user as the process (or
+/// `CAP_SYS_PTRACE`).
+pub fn capture_private(pid: u32, base: &Path, size: u64, dst: &Path) -> io::Result<Capture> {
+    let meta = std::fs::metadata(base)?;
+    let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mappings: Vec<FileMapping> = maps
+        .lines()
+        .filter_map(parse_maps_line)
+        .filter(|m| m.inode == meta.ino() && m.dev == dev)
+        .collect();
+    let covered: u64 = mappings.iter().map(|m| m.end - m.start).sum();
+    if covered != size || mappings.iter().any(|m| m.offset + (m.end - m.start) > size) {
+        return Err(invalid(format!(
+            "process {pid} maps {covered} bytes of {}, expected {size}",
+            base.display()
+        )));
+    }
+    sparse_copy(base, dst, false)?;
+    let output = OpenOptions::new().write(true).open(dst)?;
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
+    let mem = File::open(format!("/proc/{pid}/mem"))?;
+    let mut private_bytes = 0u64;
+    let mut entries = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    for mapping in &mappings {
+        let pages = (mapping.end - mapping.start) / PAGE as u64;
+        let mut page = 0u64;
+        while page < pages {
+            let batch = (pages - page).min((CHUNK / 8) as u64);
+            let bytes = &mut entries[..batch as usize * 8];
+            let at = (mapping.start / PAGE as u64 + page) * 8;
+            if read_full(&pagemap, bytes, at)? != bytes.len() {
+                return Err(invalid(format!("short read of /proc/{pid}/pagemap")));
+            }
+            // Runs of written pages, each copied with one read and write.
+            let mut run: Option<(u64, u64)> = None;
+            for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+                let index = page + i as u64;
+                run = match (is_private_copy(entry), run) {
+                    (true, Some((first, n))) if (n as usize) < CHUNK / PAGE => Some((first, n + 1)),
+                    (true, Some(done)) => {
+                        private_bytes += copy_pages(&mem, &output, mapping, done, &mut buf)?;
+                        Some((index, 1))
+                    }
+                    (true, None) => Some((index, 1)),
+                    (false, Some(done)) => {
+                        private_bytes += copy_pages(&mem, &output, mapping, done, &mut buf)?;
+                        None
+                    }
+                    (false, None) => None,
+                };
+            }
+            if let Some(done) = run {
+                private_bytes += copy_pages(&mem, &output, mapping, done, &mut buf)?;
+            }
+            page += batch;
+        }
+    }
+    Ok(Capture { private_bytes })
+}
+
+/// Copies pages `first..first + count` of `mapping` from the process's
+/// memory to their place in the file.
+fn copy_pages(
+    mem: &File,
+    output: &File,
+    mapping: &FileMapping,
+    (first, count): (u64, u64),
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    let len = (count as usize) * PAGE;
+    let data = &mut buf[..len];
+    let address = mapping.start + first * PAGE as u64;
+    if read_full(mem, data, address)? != len {
+        return Err(invalid(format!(
+            "short read of process memory at {address:#x}"
+        )));
+    }
+    output.write_all_at(data, mapping.offset + first * PAGE as u64)?;
+    Ok(len as u64)
 }
 
 /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE`; `None` past the last data.
@@ -178,6 +337,90 @@ mod tests {
         assert_eq!(std::fs::metadata(&dst).unwrap().len(), size);
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         sync_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn reads_maps_lines() {
+        let line = "7f9b5bfff000-7f9b6bfff000 rw-p 00001000 fe:01 10076254                   /a b/mem.ram (deleted)";
+        assert_eq!(
+            parse_maps_line(line),
+            Some(FileMapping {
+                start: 0x7f9b_5bff_f000,
+                end: 0x7f9b_6bff_f000,
+                offset: 0x1000,
+                dev: (0xfe, 1),
+                inode: 10_076_254,
+            })
+        );
+        assert_eq!(parse_maps_line("garbage"), None);
+    }
+
+    #[test]
+    fn tells_private_copies_from_file_pages() {
+        assert!(is_private_copy(PM_PRESENT | 0x1234));
+        assert!(is_private_copy(PM_SWAPPED));
+        assert!(!is_private_copy(PM_PRESENT | PM_FILE_OR_SHARED));
+        assert!(!is_private_copy(0));
+    }
+
+    /// This test process plays the VM: it maps a file privately, writes
+    /// some pages, and captures itself.
+    #[test]
+    fn captures_the_pages_a_process_wrote_over_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("memory.ram");
+        let size = 8 << 20;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&base)
+            .unwrap();
+        file.set_len(size as u64).unwrap();
+        file.write_all_at(&[1u8; 2 * PAGE], 0).unwrap();
+        file.write_all_at(&[2u8; PAGE], (4 << 20) as u64).unwrap();
+        // SAFETY: a fresh private mapping of a file we own, unmapped below;
+        // nothing else refers to the memory.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        // SAFETY: `map` is `size` bytes, readable and writable.
+        let memory = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), size) };
+        let mut expected = std::fs::read(&base).unwrap();
+        // Read a file page (stays shared), overwrite one page of data with
+        // zeros, write into a hole, and a run across a chunk boundary.
+        assert_eq!(memory[4 << 20], 2);
+        memory[PAGE..2 * PAGE].fill(0);
+        memory[3 * PAGE + 7] = 9;
+        memory[CHUNK - PAGE..CHUNK + PAGE].fill(5);
+        for (range, value) in [(PAGE..2 * PAGE, 0u8), (CHUNK - PAGE..CHUNK + PAGE, 5)] {
+            expected[range].fill(value);
+        }
+        expected[3 * PAGE + 7] = 9;
+
+        let dst = dir.path().join("captured.ram");
+        let capture = capture_private(std::process::id(), &base, size as u64, &dst).unwrap();
+        assert_eq!(capture.private_bytes, 4 * PAGE as u64);
+        assert!(
+            std::fs::read(&dst).unwrap() == expected,
+            "captured memory differs"
+        );
+        // The file itself never changed.
+        assert_eq!(std::fs::read(&base).unwrap()[PAGE], 1);
+        // A size that does not match the mapping is refused.
+        let error = capture_private(std::process::id(), &base, 4 << 20, &dst).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        // SAFETY: unmapping what was mapped above; `memory` is not used again.
+        assert_eq!(unsafe { libc::munmap(map, size) }, 0);
     }
 
     #[test]

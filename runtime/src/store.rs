@@ -34,6 +34,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 
 use crate::accel::AccelKind;
 use crate::sandbox::SandboxState;
+use crate::vmm::StateFormat;
 
 /// `MIGRATIONS[n]` upgrades a database from `user_version` n to n + 1.
 const MIGRATIONS: &[&str] = &[
@@ -81,6 +82,12 @@ const MIGRATIONS: &[&str] = &[
     // the snapshot may since be deleted).
     "ALTER TABLE sandboxes ADD COLUMN from_snapshot TEXT;
     ALTER TABLE snapshots ADD COLUMN parent_snapshot TEXT;",
+    // v4: how the device state was saved (older snapshots: a migration
+    // stream), and golden snapshots for warm starts, one per key.
+    "ALTER TABLE snapshots ADD COLUMN state_format TEXT NOT NULL DEFAULT 'migration';
+    ALTER TABLE snapshots ADD COLUMN golden_key TEXT;
+    CREATE UNIQUE INDEX snapshots_golden_key ON snapshots(golden_key)
+        WHERE golden_key IS NOT NULL;",
 ];
 
 /// Every layer that is live (see the module documentation).
@@ -223,6 +230,11 @@ pub struct SnapshotRecord {
     pub created_at: u64,
     /// The `from_snapshot` of the sandbox when it was taken.
     pub parent_snapshot: Option<String>,
+    /// How `state.bin` was written.
+    pub state_format: StateFormat,
+    /// Set on the golden snapshots warm starts fork from (hidden from
+    /// users): what they were booted from, see `manager::golden`.
+    pub golden_key: Option<String>,
 }
 
 pub struct Store {
@@ -468,8 +480,9 @@ impl Store {
             let result = tx.execute(
                 "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
                                         image, image_path, env, accel, layer, next_layer,
-                                        created_at, parent_snapshot)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                        created_at, parent_snapshot, state_format, golden_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                         ?16, ?17)",
                 params![
                     snap.id,
                     snap.dir,
@@ -486,6 +499,8 @@ impl Store {
                     snap.next_layer,
                     snap.created_at as i64,
                     snap.parent_snapshot,
+                    snap.state_format.as_str(),
+                    snap.golden_key,
                 ],
             );
             match result {
@@ -550,7 +565,21 @@ impl Store {
         get_snapshot(&tx, id)
     }
 
-    /// Every snapshot (also those being taken), oldest first.
+    /// The ready golden snapshot with `key`, if any.
+    pub fn golden_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let raw = conn
+            .query_row(
+                "SELECT * FROM snapshots WHERE golden_key = ?1 AND state = 'ready'",
+                params![key],
+                RawSnapshot::from_row,
+            )
+            .optional()
+            .map_err(query_err("find a golden snapshot"))?;
+        raw.map(RawSnapshot::into_record).transpose()
+    }
+
+    /// Every snapshot (also those being taken, and golden ones), oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
@@ -893,6 +922,8 @@ struct RawSnapshot {
     next_layer: Option<String>,
     created_at: i64,
     parent_snapshot: Option<String>,
+    state_format: String,
+    golden_key: Option<String>,
 }
 
 impl RawSnapshot {
@@ -913,6 +944,8 @@ impl RawSnapshot {
             next_layer: row.get("next_layer")?,
             created_at: row.get("created_at")?,
             parent_snapshot: row.get("parent_snapshot")?,
+            state_format: row.get("state_format")?,
+            golden_key: row.get("golden_key")?,
         })
     }
 
@@ -925,6 +958,8 @@ impl RawSnapshot {
         let state =
             SnapshotState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?;
         let accel = AccelKind::parse(&self.accel).ok_or_else(|| corrupt("accel", &self.accel))?;
+        let state_format = StateFormat::parse(&self.state_format)
+            .ok_or_else(|| corrupt("state_format", &self.state_format))?;
         for (field, value) in [
             ("dir", Some(&self.dir)),
             ("layer", Some(&self.layer)),
@@ -951,6 +986,8 @@ impl RawSnapshot {
             layer: self.layer,
             next_layer: self.next_layer,
             parent_snapshot: self.parent_snapshot,
+            state_format,
+            golden_key: self.golden_key,
         })
     }
 }
@@ -1006,6 +1043,8 @@ mod tests {
             next_layer: Some(next.into()),
             created_at: 1_700_000_001,
             parent_snapshot: None,
+            state_format: StateFormat::Devices,
+            golden_key: None,
         }
     }
 
@@ -1302,6 +1341,62 @@ mod tests {
         b.from_snapshot = Some("s".into());
         store.insert(&b, Some(&l), 0).unwrap();
         assert_eq!(store.get("b").unwrap().unwrap(), b);
+    }
+
+    /// Snapshots from before v4 keep loading as migration streams; golden
+    /// snapshots are found by key, one per key.
+    #[test]
+    fn migrates_a_version_3_database_and_keys_golden_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let (a, l1) = on_layer("a", ID_A, &layer(1));
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for step in &MIGRATIONS[..3] {
+                tx.execute_batch(step).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.commit().unwrap();
+        }
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert(&a, Some(&l1), 0).unwrap();
+            let snap = snapshot("old", &layer(0xf1), &a, &layer(2));
+            store.begin_snapshot(&snap).unwrap();
+            store.switch_disk("old").unwrap();
+            store.finish_snapshot("old").unwrap();
+            // Pretend it predates v4.
+            store
+                .conn_for_tests()
+                .execute_batch("UPDATE snapshots SET state_format = 'migration'")
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.get_snapshot("old").unwrap().unwrap();
+        assert_eq!(old.state_format, StateFormat::Migration);
+        assert_eq!(store.golden_snapshot("k").unwrap(), None);
+
+        let mut golden = snapshot("golden", &layer(0xf2), &a, &layer(3));
+        golden.layer = layer(2);
+        golden.golden_key = Some("k".into());
+        store.begin_snapshot(&golden).unwrap();
+        // Not ready yet: not found.
+        assert_eq!(store.golden_snapshot("k").unwrap(), None);
+        store.switch_disk("golden").unwrap();
+        store.finish_snapshot("golden").unwrap();
+        let found = store.golden_snapshot("k").unwrap().unwrap();
+        assert_eq!(
+            (found.id.as_str(), found.state_format),
+            ("golden", StateFormat::Devices)
+        );
+        let mut twin = snapshot("twin", &layer(0xf3), &a, &layer(4));
+        twin.layer = layer(3);
+        twin.golden_key = Some("k".into());
+        assert!(matches!(
+            store.begin_snapshot(&twin),
+            Err(StoreError::DuplicateSnapshot { .. })
+        ));
     }
 
     /// A rollback moves the sandbox onto a new layer on the snapshot's and

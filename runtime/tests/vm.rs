@@ -826,12 +826,21 @@ fn snapshots_of_paused_and_restored_sandboxes() {
         let agent = manager.agent("gen2").await.unwrap();
         assert_eq!(sh(&agent, "cat /root/generation").await.0, "1\n");
         sh(&agent, "echo 2 > /root/generation").await;
+        // RAM the clone wrote over its copy-on-write mapping (a tmpfs file
+        // of random bytes) must be in its snapshot's memory.
+        let (sum, err, code) = sh(
+            &agent,
+            "head -c 24M /dev/urandom > /dev/shm/big && md5sum < /dev/shm/big",
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
         // Snapshot of a restored sandbox (the original Arrakis's issue #4).
         manager
             .snapshot("gen2", Some("from a clone".into()))
             .await
             .expect("snapshot of a restored sandbox");
         assert_eq!(sh(&agent, "cat /root/generation").await.0, "2\n");
+        sh(&agent, "echo changed > /dev/shm/big").await;
         drop(agent);
         // The chain does not depend on the sandboxes it came from.
         manager.destroy("base").await.unwrap();
@@ -844,6 +853,7 @@ fn snapshots_of_paused_and_restored_sandboxes() {
             .expect("restore");
         let agent = manager.agent("gen3").await.unwrap();
         assert_eq!(sh(&agent, "cat /root/generation").await.0, "2\n");
+        assert_eq!(sh(&agent, "md5sum < /dev/shm/big").await.0, sum);
         sh(&agent, "echo 3 > /root/generation").await;
         drop(agent);
         // Stop and start: a cold boot on the layered disk.

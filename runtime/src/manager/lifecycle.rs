@@ -19,7 +19,7 @@ use crate::sandbox::{Operation, SandboxState};
 use crate::spec::{self, SandboxSpec};
 use crate::store::{NewLayer, SandboxRecord};
 use crate::vmm::qemu::{self, create_overlay, Backing};
-use crate::vmm::{VmHandle, VmSpec, VmStatus};
+use crate::vmm::{GuestMemory, VmHandle, VmSpec, VmStatus};
 
 /// Console lines quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 40;
@@ -156,8 +156,8 @@ impl Manager {
         VmSpec {
             hostname: spec::hostname_for(&record.name),
             disk: self.disk_path(record),
-            ram_file: self.inner.layout.ram_file(&record.id),
-            incoming: false,
+            memory: GuestMemory::Shared(self.inner.layout.ram_file(&record.id)),
+            incoming: None,
             dir,
             vcpus: record.vcpus,
             memory_mb: record.memory_mb,

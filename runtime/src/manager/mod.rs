@@ -372,11 +372,13 @@ impl Manager {
         }
     }
 
-    /// Removes the RAM file of a sandbox whose VM is gone, and the RAM
-    /// directory if that was the last file in it, so state directories
-    /// without running VMs leave nothing on `/dev/shm`.
+    /// Removes the RAM of a sandbox whose VM is gone (its tmpfs file, or its
+    /// link to a snapshot's memory), and the RAM directory if that was the
+    /// last file in it, so state directories without running VMs leave
+    /// nothing on `/dev/shm`.
     fn release_ram(&self, id: &str) {
         remove_file_if_exists(&self.inner.layout.ram_file(id));
+        remove_file_if_exists(&self.inner.layout.sandbox_dir(id).memory_base());
         let _ = std::fs::remove_dir(self.inner.layout.ram_dir());
     }
 

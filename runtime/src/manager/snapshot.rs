@@ -3,22 +3,26 @@
 //! # Snapshot
 //! A snapshot is three things taken while the vCPUs are stopped: the disk
 //! (the sandbox's top qcow2 layer, frozen with `blockdev-snapshot-sync`; the
-//! sandbox continues on a new layer above it), the device state (a
-//! migration stream with `x-ignore-shared`, ~70 KiB) and the guest RAM (a
-//! sparse copy of the VM's RAM file, which is what `x-ignore-shared` left
-//! out). Steps, under the sandbox's lock and the new snapshot's exclusive
-//! lock:
+//! sandbox continues on a new layer above it), the device state
+//! (`xen-save-devices-state`: every device but RAM, ~20 KiB) and the guest
+//! RAM, captured from its file:
+//! - a booted VM writes its RAM into a tmpfs file mapped shared: the
+//!   capture is a sparse copy of that file;
+//! - a restored VM maps its snapshot's `memory.ram` privately: the capture
+//!   is a sparse copy of that file with the pages the VM has written since
+//!   (its copy-on-write copies, read through `/proc`) laid over it
+//!   ([`memfile::capture_private`]). Its cost follows what the guest
+//!   touched, not its size, and nothing goes through a migration stream.
+//!
+//! Steps, under the sandbox's lock and the new snapshot's exclusive lock:
 //!
 //! 1. record the snapshot as `creating`, reserving the new top layer;
 //! 2. stop the vCPUs (if running), freeze the disk, record the sandbox's
 //!    new top layer at once (from here on QEMU writes to it, whatever
 //!    happens next);
-//! 3. save the device state to `state.bin`, copy the RAM file to
+//! 3. save the device state to `state.bin`, capture the RAM to
 //!    `memory.ram`;
-//! 4. put the VM back as it was: `cont` if it was running; `cont` then
-//!    `stop` if it was paused, because after a migration QEMU sits in
-//!    `postmigrate` with its disks inactive and refuses another migration
-//!    (the guest runs for the ~1 ms between the two commands);
+//! 4. `cont` if the VM was running (a paused one stays paused);
 //! 5. `fsync` the snapshot's files and the frozen layer (snapshots survive
 //!    host reboots), then record the snapshot `ready`.
 //!
@@ -27,27 +31,21 @@
 //! it was. A manager that dies half-way leaves a `creating` record whose
 //! lock is free; reconciliation then finds out from QEMU (or from the
 //! files, if QEMU is gone too) whether the disk was frozen, records that,
-//! and removes the remains ([`Manager::recover_snapshots`]).
+//! resumes the VM if its record says running, and removes the remains
+//! ([`Manager::recover_snapshots`]). A snapshot is visible only once
+//! `ready`, so a crash never shows a half snapshot.
 //!
-//! # Restore: copy the RAM, not map it
+//! # Restore: map the RAM copy-on-write
 //! A restore makes a new sandbox whose disk is a new layer on the
-//! snapshot's frozen layer, copies `memory.ram` (sparse) into the RAM
-//! directory, starts QEMU with `-incoming defer -S` on that file
-//! (`share=on`, like every VM), loads `state.bin`, `cont`s, waits for the
-//! agent, and fixes the clone up through it: wall clock (`SetTime`),
-//! hostname and fresh entropy (`Configure`).
-//!
-//! Mapping `memory.ram` privately (`share=off`, copy-on-write) instead of
-//! copying it was measured too (default 256 MiB VM, ~40 MiB of touched
-//! RAM, TCG): it saves the copy (~35 ms of a ~100 ms restore) and lets
-//! clones share unmodified pages, but `x-ignore-shared` skips only shared
-//! RAM, so a snapshot of such a clone pushes all its RAM through the
-//! migration stream (0.6 s instead of ~15 ms, a state file of the guest's
-//! size), needs a second snapshot format and a second restore path, and
-//! ties running clones to the snapshot's file. Copying keeps one format,
-//! makes a restored sandbox exactly like a booted one (snapshot it again,
-//! stop it, start it: a cold boot on its disk), and frees a deleted
-//! snapshot's disk space at once.
+//! snapshot's frozen layer and whose RAM is the snapshot's `memory.ram`,
+//! hard-linked into the sandbox directory (`memory.base`) and mapped
+//! privately (`share=off`): nothing is copied, the file is never written,
+//! and all sandboxes restored from one snapshot share its unmodified pages
+//! in the page cache. The link keeps the memory alive for the sandbox when
+//! the snapshot is deleted. QEMU starts with `-incoming defer -S`, loads
+//! `state.bin`, `cont`s; the manager waits for the agent and fixes the
+//! clone up through it: wall clock (`SetTime`), hostname, fresh entropy
+//! (`Configure`) and a new machine-id.
 //!
 //! # Layers and deletion
 //! Disk layers are shared by reachability (see [`crate::store`]): deleting
@@ -75,7 +73,7 @@ use crate::sandbox::{Operation, SandboxState};
 use crate::spec;
 use crate::store::{NewLayer, SandboxRecord, SnapshotRecord, SnapshotState, StoreError};
 use crate::vmm::qemu::{self, create_overlay, Backing};
-use crate::vmm::{VmHandle, VmStatus};
+use crate::vmm::{GuestMemory, StateFormat, VmHandle, VmStatus};
 
 /// Bytes of entropy mixed into a restored clone's pool.
 const CLONE_ENTROPY: usize = 64;
@@ -121,8 +119,6 @@ struct Progress {
     frozen: bool,
     /// The store knows about the new layer.
     switched: bool,
-    /// A migration ran: QEMU is in `postmigrate` until `cont`.
-    migrated: bool,
 }
 
 impl Manager {
@@ -163,7 +159,7 @@ impl Manager {
                 reason: "its disk predates snapshot support; stop and start it once",
             });
         };
-        if !self.inner.layout.ram_file(&record.id).is_file() {
+        if self.running_memory(&record.id).is_none() {
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
                 reason: "its VM was booted without file-backed memory (by an older arrakis); \
@@ -191,6 +187,8 @@ impl Manager {
             next_layer: Some(new_id()?),
             created_at: now_secs(),
             parent_snapshot: record.from_snapshot.clone(),
+            state_format: StateFormat::Devices,
+            golden_key: None,
         };
         if let Err(error) = self.inner.store.begin_snapshot(&snap) {
             remove_file_if_exists(&snap_lock_path);
@@ -234,12 +232,19 @@ impl Manager {
         let started = Instant::now();
         let dir = self.inner.layout.snapshot_dir(&snap.dir);
         create_private_dir(dir.path())?;
-        let was_running = record.state == SandboxState::Running;
         let frozen = self.freeze_and_save(record, vm, snap, progress).await;
         let paused_for = started.elapsed();
-        let back = self.put_back(record, vm, was_running, progress).await;
+        if progress.paused {
+            self.inner
+                .vmm
+                .resume(vm)
+                .await
+                .map_err(|source| RuntimeError::Vmm {
+                    name: record.name.clone(),
+                    source,
+                })?;
+        }
         frozen?;
-        back?;
         let layer = self.inner.layout.layer_file(&snap.layer);
         let files = [dir.memory_file(), dir.state_file(), layer];
         let dirs = [
@@ -294,43 +299,45 @@ impl Manager {
         self.inner.store.switch_disk(&snap.id)?;
         progress.switched = true;
         let dir = self.inner.layout.snapshot_dir(&snap.dir);
-        progress.migrated = true;
         vmm.save_state(vm, &dir.state_file())
             .await
             .map_err(vmm_err)?;
-        let ram = self.inner.layout.ram_file(&record.id);
         let memory = dir.memory_file();
-        blocking("copy the guest memory", move || {
-            memfile::sparse_copy(&ram, &memory, false)
-                .map(drop)
-                .map_err(|e| (ram, e))
-        })
-        .await?;
-        Ok(())
+        let pid = vm.pid;
+        let size = u64::from(record.memory_mb) << 20;
+        match self.running_memory(&record.id) {
+            Some(GuestMemory::Shared(ram)) => {
+                blocking("copy the guest memory", move || {
+                    memfile::sparse_copy(&ram, &memory, false)
+                        .map(drop)
+                        .map_err(|e| (ram, e))
+                })
+                .await
+            }
+            Some(GuestMemory::Private(base)) => {
+                blocking("capture the guest memory", move || {
+                    memfile::capture_private(pid, &base, size, &memory)
+                        .map(drop)
+                        .map_err(|e| (base, e))
+                })
+                .await
+            }
+            None => Err(RuntimeError::NotSnapshottable {
+                name: record.name.clone(),
+                reason: "its RAM file is gone",
+            }),
+        }
     }
 
-    /// Returns the VM to the run state it had before the snapshot.
-    async fn put_back(
-        &self,
-        record: &SandboxRecord,
-        vm: &VmHandle,
-        was_running: bool,
-        progress: &Progress,
-    ) -> Result<(), RuntimeError> {
-        let vmm = &self.inner.vmm;
-        let vmm_err = |source| RuntimeError::Vmm {
-            name: record.name.clone(),
-            source,
-        };
-        if was_running {
-            if progress.paused {
-                vmm.resume(vm).await.map_err(vmm_err)?;
-            }
-        } else if progress.migrated {
-            vmm.resume(vm).await.map_err(vmm_err)?;
-            vmm.pause(vm).await.map_err(vmm_err)?;
+    /// The RAM of sandbox `id`'s running VM: its link to a snapshot's memory
+    /// if it was restored, else its tmpfs file if it was booted.
+    fn running_memory(&self, id: &str) -> Option<GuestMemory> {
+        let base = self.inner.layout.sandbox_dir(id).memory_base();
+        if base.is_file() {
+            return Some(GuestMemory::Private(base));
         }
-        Ok(())
+        let ram = self.inner.layout.ram_file(id);
+        ram.is_file().then_some(GuestMemory::Shared(ram))
     }
 
     /// Removes a snapshot's record (collecting the layers nobody needs),
@@ -578,25 +585,18 @@ impl Manager {
         };
         let snap_dir = layout.snapshot_dir(&snap.dir);
         let memory = snap_dir.memory_file();
-        let copy = async {
-            let manager = self.clone();
-            let id = record.id.clone();
-            tokio::task::spawn_blocking(move || {
-                manager.prepare_ram(&id, |ram| {
-                    memfile::sparse_copy(&memory, ram, false).map(drop)
-                })
+        let base = layout.sandbox_dir(&record.id).memory_base();
+        let link = {
+            let base = base.clone();
+            blocking("link the snapshot's memory", move || {
+                memfile::link_or_copy(&memory, &base).map_err(|e| (memory, e))
             })
-            .await
-            .map_err(|join| RuntimeError::Io {
-                op: "copy the snapshot's memory",
-                path: PathBuf::new(),
-                source: std::io::Error::other(join.to_string()),
-            })?
         };
-        tokio::try_join!(overlay, copy)?;
+        tokio::try_join!(overlay, link)?;
         let copied = started.elapsed();
         let mut spec = self.vm_spec(record);
-        spec.incoming = true;
+        spec.memory = GuestMemory::Private(base);
+        spec.incoming = Some(snap.state_format);
         let vmm = self.inner.vmm.clone();
         let vm = vmm.launch(&spec).await.map_err(vmm_err)?;
         let launched = started.elapsed();
@@ -605,7 +605,7 @@ impl Manager {
             .record_boot(&record.name, &record.id, record.state, vm.pid)?;
         record.pid = Some(vm.pid);
         record.boot_count += 1;
-        vmm.load_state(&vm, &snap_dir.state_file())
+        vmm.load_state(&vm, &snap_dir.state_file(), snap.state_format)
             .await
             .map_err(vmm_err)?;
         drop(snap_lock);
@@ -634,7 +634,7 @@ impl Manager {
         record.state = running;
         tracing::info!(
             pid = vm.pid,
-            copied_ms = copied.as_millis() as u64,
+            prepared_ms = copied.as_millis() as u64,
             launched_ms = launched.as_millis() as u64,
             loaded_ms = loaded.as_millis() as u64,
             resumed_ms = resumed.as_millis() as u64,

@@ -12,7 +12,7 @@ use super::*;
 use crate::accel::HostFacts;
 use crate::error::ErrorKind;
 use crate::store::{NewLayer, SnapshotRecord, SnapshotState, Store};
-use crate::vmm::{QmpError, VmSpec, VmStatus, VmmError};
+use crate::vmm::{QmpError, StateFormat, VmSpec, VmStatus, VmmError};
 
 /// Pretends processes with the listed pids run in the listed states.
 #[derive(Default)]
@@ -115,13 +115,17 @@ impl Vmm for FakeVmm {
     }
 
     async fn save_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
-        self.set(vm.pid, Some(VmStatus::Other("postmigrate".into())));
         self.step(vm, "save")?;
         std::fs::write(state_file, b"device state").unwrap();
         Ok(())
     }
 
-    async fn load_state(&self, vm: &VmHandle, _state_file: &Path) -> Result<(), VmmError> {
+    async fn load_state(
+        &self,
+        vm: &VmHandle,
+        _state_file: &Path,
+        _format: StateFormat,
+    ) -> Result<(), VmmError> {
         self.step(vm, "load")
     }
 
@@ -604,11 +608,10 @@ async fn snapshots_freeze_the_disk_and_leave_the_vm_as_it_was() {
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
     assert_eq!(vmm.calls(), Vec::<String>::new());
 
-    // A paused VM is paused again afterwards (QEMU needs `cont` after a
-    // migration); an id is generated.
+    // A paused VM stays paused throughout; an id is generated.
     let held = manager.snapshot("held", None).await.unwrap();
     assert!(held.id.starts_with("snap-"), "{}", held.id);
-    assert_eq!(vmm.calls(), ["freeze", "save", "cont", "stop"]);
+    assert_eq!(vmm.calls(), ["freeze", "save"]);
     assert_eq!(vmm.vms.lock().unwrap()[&102], VmStatus::Paused);
     assert_eq!(
         manager.get("held").await.unwrap().state,
@@ -737,6 +740,8 @@ async fn an_interrupted_snapshot_is_repaired_at_open() {
             next_layer: Some(L2.into()),
             created_at: 2,
             parent_snapshot: None,
+            state_format: StateFormat::Devices,
+            golden_key: None,
         };
         fx.store().begin_snapshot(&snap).unwrap();
         let dir = fx.layout().snapshot_dir(&snap.dir);
@@ -744,7 +749,7 @@ async fn an_interrupted_snapshot_is_repaired_at_open() {
         std::fs::write(dir.state_file(), b"partial").unwrap();
         // QEMU created the new layer in both cases; it switched only in one.
         std::fs::write(fx.layout().layer_file(L2), b"QFI\xfbnew").unwrap();
-        let vmm = FakeVmm::with(&[(101, VmStatus::Other("postmigrate".into()))]);
+        let vmm = FakeVmm::with(&[(101, VmStatus::Paused)]);
         let active = if frozen { L2 } else { L1 };
         vmm.disks
             .lock()
@@ -798,7 +803,7 @@ async fn the_quota_applies_to_create_and_restore() {
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
     let launched = vmm.launched.lock().unwrap().clone();
     assert_eq!(launched.len(), 1);
-    assert!(launched[0].incoming);
+    assert_eq!(launched[0].incoming, Some(StateFormat::Devices));
     assert_eq!(
         (launched[0].memory_mb, launched[0].hostname.as_str()),
         (256, "third")
@@ -957,7 +962,8 @@ async fn a_failed_rollback_leaves_the_sandbox_stopped_on_the_snapshot() {
         .execute(
             "INSERT INTO snapshots SELECT 'other', 'ffffffffffffffff', state, sandbox,
                     sandbox_id, vcpus, memory_mb * 2, image, image_path, env, accel, layer,
-                    next_layer, created_at, parent_snapshot FROM snapshots WHERE id = 's'",
+                    next_layer, created_at, parent_snapshot, state_format, golden_key
+             FROM snapshots WHERE id = 's'",
             [],
         )
         .unwrap();

@@ -75,16 +75,65 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The VM's writable disk (a qcow2 overlay).
     pub disk: PathBuf,
-    /// Guest RAM: a file mapped shared (`memory-backend-file,share=on`), so
-    /// it can be left out of saved state and copied instead. Its content
-    /// is the guest's memory from the first instruction on: a boot empties
-    /// it (QEMU sizes an empty or absent file), a restore puts the
-    /// snapshot's memory there first.
-    pub ram_file: PathBuf,
-    /// Start paused, waiting for [`Vmm::load_state`], instead of booting.
-    pub incoming: bool,
+    /// Where guest RAM lives.
+    pub memory: GuestMemory,
+    /// Start paused, waiting for [`Vmm::load_state`] of state in this
+    /// format, instead of booting.
+    pub incoming: Option<StateFormat>,
     pub accel: Accel,
     pub extra_kernel_args: Vec<String>,
+}
+
+/// Guest RAM is always a file, so that a snapshot never pushes it through
+/// QEMU's migration stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Mapped shared (`share=on`, a tmpfs file): the guest's writes land in
+    /// the file, which a snapshot copies. Booted VMs; a boot empties it
+    /// (QEMU sizes an empty or absent file).
+    Shared(PathBuf),
+    /// A snapshot's memory mapped privately (`share=off`): copy-on-write,
+    /// so nothing is copied at restore, the file is never written, and VMs
+    /// restored from one file share its unmodified pages in the page
+    /// cache. A snapshot of such a VM is the file plus the pages the VM
+    /// has copied since (see [`crate::memfile::capture_private`]).
+    Private(PathBuf),
+}
+
+impl GuestMemory {
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestMemory::Shared(path) | GuestMemory::Private(path) => path,
+        }
+    }
+}
+
+/// How a device state file was written; loading must match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFormat {
+    /// Device state only (`xen-save-devices-state`): no RAM section and no
+    /// configuration section. What [`Vmm::save_state`] writes.
+    Devices,
+    /// A migration stream with `x-ignore-shared`, written by arrakis
+    /// versions before copy-on-write restores; still loadable.
+    Migration,
+}
+
+impl StateFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateFormat::Devices => "devices",
+            StateFormat::Migration => "migration",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<StateFormat> {
+        match text {
+            "devices" => Some(StateFormat::Devices),
+            "migration" => Some(StateFormat::Migration),
+            _ => None,
+        }
+    }
 }
 
 /// A launched VM, as recorded: enough to find it again from another process.
@@ -132,13 +181,18 @@ pub trait Vmm: Send + Sync {
     /// `new_top`, created here as an overlay backed by the old top, which
     /// no process writes again. Atomic. The VM should be paused.
     async fn freeze_disk(&self, vm: &VmHandle, new_top: &Path) -> Result<(), VmmError>;
-    /// Writes the device state of a paused VM to `state_file`, without the
-    /// guest RAM (that is in [`VmSpec::ram_file`]). Afterwards the VM must
-    /// be resumed before anything else is done with it.
+    /// Writes the device state of a paused VM to `state_file` in
+    /// [`StateFormat::Devices`], without the guest RAM (that is in
+    /// [`VmSpec::memory`]). The VM stays paused and usable.
     async fn save_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
-    /// Loads state written by [`Vmm::save_state`] into a VM launched with
-    /// [`VmSpec::incoming`]; the VM ends paused.
-    async fn load_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
+    /// Loads state into a VM launched with [`VmSpec::incoming`] set to
+    /// `format`; the VM ends paused.
+    async fn load_state(
+        &self,
+        vm: &VmHandle,
+        state_file: &Path,
+        format: StateFormat,
+    ) -> Result<(), VmmError>;
     /// The file the VM writes its disk to now, if the VMM says.
     async fn active_disk(&self, vm: &VmHandle) -> Result<Option<PathBuf>, VmmError>;
 }

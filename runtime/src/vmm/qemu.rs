@@ -7,10 +7,11 @@
 //! `-nographic` with `-daemonize`), the serial console goes to a file, and
 //! there is no network device yet.
 //!
-//! Guest RAM is always a `memory-backend-file,share=on` (the "Q4" lines of
-//! the notes): a snapshot then saves only device state with `x-ignore-shared`
-//! (~70 KiB, ~15 ms) and copies the RAM file, instead of pushing all of RAM
-//! through the migration stream.
+//! Guest RAM is always a `memory-backend-file` (see [`GuestMemory`]): a
+//! snapshot saves only device state (`xen-save-devices-state`, ~20 KiB,
+//! ~2 ms) and captures the RAM file, instead of pushing all of RAM through
+//! the migration stream; a restore maps the snapshot's RAM file privately
+//! and loads the device state as an incoming migration.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{qmp, VmHandle, VmSpec, VmStatus, Vmm, VmmError};
+use super::{qmp, GuestMemory, StateFormat, VmHandle, VmSpec, VmStatus, Vmm, VmmError};
 use crate::process;
 
 /// Name of the virtio-serial port the guest agent looks for.
@@ -82,14 +83,18 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         "-no-reboot".into(),
     ];
     args.extend(spec.accel.qemu_args());
+    let share = match spec.memory {
+        GuestMemory::Shared(_) => "on",
+        GuestMemory::Private(_) => "off",
+    };
     args.extend([
         "-m".into(),
         format!("{}M", spec.memory_mb),
         "-object".into(),
         format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share={share}",
             spec.memory_mb,
-            opt(&spec.ram_file)
+            opt(spec.memory.path())
         ),
         "-smp".into(),
         spec.vcpus.to_string(),
@@ -127,9 +132,13 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         dir.pid_file().to_string_lossy().into_owned(),
         "-daemonize".into(),
     ]);
-    if spec.incoming {
+    if let Some(format) = spec.incoming {
         // Wait for `migrate-incoming`, and stay paused after it.
         args.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        if format == StateFormat::Devices {
+            // Device state has no configuration section to expect.
+            args.extend(["-global".into(), "migration.send-configuration=off".into()]);
+        }
     }
     args.into_iter().map(OsString::from).collect()
 }
@@ -193,22 +202,22 @@ pub fn tail_of_file(path: &Path, max: usize) -> String {
 
 impl Qemu {
     /// Removes what a previous boot left (sockets, pid file) so a stale
-    /// file is never mistaken for the new VM's, and for a boot empties the
-    /// RAM file, whose content the guest would otherwise start with.
+    /// file is never mistaken for the new VM's, and for a boot empties a
+    /// shared RAM file, whose content the guest would otherwise start with.
     fn clear_runtime_files(spec: &VmSpec) -> Result<(), VmmError> {
         let dir = &spec.dir;
-        if !spec.incoming {
-            match std::fs::OpenOptions::new().write(true).open(&spec.ram_file) {
+        if let (None, GuestMemory::Shared(ram)) = (spec.incoming, &spec.memory) {
+            match std::fs::OpenOptions::new().write(true).open(ram) {
                 Ok(file) => file.set_len(0).map_err(|source| VmmError::Io {
                     op: "empty",
-                    path: spec.ram_file.clone(),
+                    path: ram.clone(),
                     source,
                 })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(VmmError::Io {
                         op: "open",
-                        path: spec.ram_file.clone(),
+                        path: ram.clone(),
                         source,
                     })
                 }
@@ -348,15 +357,26 @@ impl Vmm for Qemu {
     }
 
     async fn save_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
-        qmp::save_state(&vm.dir.qmp_socket(), state_file, STATE_TIMEOUT)
+        qmp::save_devices(&vm.dir.qmp_socket(), state_file)
             .await
-            .map_err(qmp_failed("migrate"))
+            .map_err(qmp_failed("xen-save-devices-state"))
     }
 
-    async fn load_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
-        qmp::load_state(&vm.dir.qmp_socket(), state_file, STATE_TIMEOUT)
-            .await
-            .map_err(qmp_failed("migrate-incoming"))
+    async fn load_state(
+        &self,
+        vm: &VmHandle,
+        state_file: &Path,
+        format: StateFormat,
+    ) -> Result<(), VmmError> {
+        let ignore_shared = format == StateFormat::Migration;
+        qmp::load_state(
+            &vm.dir.qmp_socket(),
+            state_file,
+            ignore_shared,
+            STATE_TIMEOUT,
+        )
+        .await
+        .map_err(qmp_failed("migrate-incoming"))
     }
 
     async fn active_disk(&self, vm: &VmHandle) -> Result<Option<PathBuf>, VmmError> {
@@ -381,8 +401,8 @@ mod tests {
             kernel: PathBuf::from("/a/vmlinuz"),
             initramfs: PathBuf::from("/a/initramfs.cpio"),
             disk: PathBuf::from("/s/layers/00000000000000aa.qcow2"),
-            ram_file: PathBuf::from("/dev/shm/arrakis-x/0123456789abcdef.ram"),
-            incoming: false,
+            memory: GuestMemory::Shared(PathBuf::from("/dev/shm/arrakis-x/0123456789abcdef.ram")),
+            incoming: None,
             accel,
             extra_kernel_args: vec!["loglevel=4".into()],
         }
@@ -472,10 +492,27 @@ mod tests {
     #[test]
     fn an_incoming_vm_waits_paused() {
         let mut spec = spec(Accel::Kvm);
-        spec.incoming = true;
+        spec.incoming = Some(StateFormat::Migration);
         let args = args_of(&spec);
         assert_eq!(values_of(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
+        assert!(values_of(&args, "-global").is_empty());
+    }
+
+    #[test]
+    fn a_restore_maps_the_snapshot_memory_privately() {
+        let mut spec = spec(Accel::Kvm);
+        spec.memory = GuestMemory::Private(PathBuf::from("/s/sandboxes/x/memory.base"));
+        spec.incoming = Some(StateFormat::Devices);
+        let args = args_of(&spec);
+        assert_eq!(
+            values_of(&args, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/s/sandboxes/x/memory.base,share=off"]
+        );
+        assert_eq!(
+            values_of(&args, "-global"),
+            ["migration.send-configuration=off"]
+        );
     }
 
     #[test]
@@ -492,7 +529,7 @@ mod tests {
         let mut spec = spec(Accel::Kvm);
         spec.dir = SandboxDir::new(Path::new("/s,x/0123456789abcdef"));
         spec.disk = PathBuf::from("/s,x/layers/00000000000000aa.qcow2");
-        spec.ram_file = PathBuf::from("/r,x/a.ram");
+        spec.memory = GuestMemory::Shared(PathBuf::from("/r,x/a.ram"));
         let args = args_of(&spec);
         assert!(values_of(&args, "-drive")[0]
             .starts_with("id=root,file=/s,,x/layers/00000000000000aa.qcow2,"));

@@ -31,11 +31,6 @@ pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `-drive id` of the root disk, which QMP block commands name.
 pub const ROOT_DRIVE: &str = "root";
 
-/// Migration bandwidth cap while saving state (bytes/s); QEMU's default is
-/// 128 MiB/s. Effectively unlimited: the VM is paused and the target is a
-/// local pipe.
-const SAVE_BANDWIDTH: u64 = 1 << 40;
-
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("cannot talk to QMP at {path}")]
@@ -212,37 +207,32 @@ pub async fn freeze_disk(path: &Path, new_top: &Path) -> Result<(), QmpError> {
     execute(path, command).await.map(drop)
 }
 
-/// Writes the device state of a paused VM to `state_file`, leaving guest
-/// RAM that lives in a shared memory backend out (`x-ignore-shared`). QEMU
-/// 7.2 has no `file:` URI, so the stream goes through `exec:cat`. The VM
-/// ends in QEMU's `postmigrate` run state, with its disks inactive, until
-/// the next `cont`.
-pub async fn save_state(path: &Path, state_file: &Path, limit: Duration) -> Result<(), QmpError> {
-    let session = Session::open(path).await?;
-    session.ignore_shared().await?;
-    session
-        .run(qmp::migrate_set_parameters(qmp::MigrateSetParameters {
-            max_bandwidth: Some(SAVE_BANDWIDTH),
-            ..Default::default()
-        }))
-        .await?;
-    session
-        .run(qmp::migrate {
-            uri: Some(format!("exec:cat > {}", shell_quote(state_file))),
-            channels: None,
-            detach: None,
-            resume: None,
-        })
-        .await?;
-    session.wait_migration(limit).await
+/// Writes the device state of a paused VM to `state_file`: every device
+/// but RAM, without the configuration section a migration starts with.
+/// The VM stays paused with its disks active (`live: false`), so it can be
+/// resumed, snapshotted again or stopped as usual.
+pub async fn save_devices(path: &Path, state_file: &Path) -> Result<(), QmpError> {
+    let command = qmp::xen_save_devices_state {
+        filename: state_file.to_string_lossy().into_owned(),
+        live: Some(false),
+    };
+    execute(path, command).await.map(drop)
 }
 
-/// Loads device state saved by [`save_state`] into a VM started with
-/// `-incoming defer -S`, whose RAM is already in its memory backend. The
-/// VM ends paused.
-pub async fn load_state(path: &Path, state_file: &Path, limit: Duration) -> Result<(), QmpError> {
+/// Loads device state into a VM started with `-incoming defer -S`, whose
+/// RAM is already in its memory backend: state from [`save_devices`], or
+/// (with `ignore_shared`) a migration stream that left shared RAM out, as
+/// earlier versions wrote. The VM ends paused.
+pub async fn load_state(
+    path: &Path,
+    state_file: &Path,
+    ignore_shared: bool,
+    limit: Duration,
+) -> Result<(), QmpError> {
     let session = Session::open(path).await?;
-    session.ignore_shared().await?;
+    if ignore_shared {
+        session.ignore_shared().await?;
+    }
     session
         .run(qmp::migrate_incoming {
             uri: Some(format!("exec:cat {}", shell_quote(state_file))),
