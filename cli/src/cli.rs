@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use arrakis_runtime::{ForkSource, MAX_FORKS};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -92,7 +93,13 @@ pub enum Verb {
     Snapshot(SnapshotArgs),
     /// Restore a snapshot as a new sandbox.
     Restore(RestoreArgs),
-    /// List, show and delete snapshots.
+    /// Start new sandboxes from a snapshot, or from a running sandbox.
+    #[command(long_about = FORK_ABOUT)]
+    Fork(ForkArgs),
+    /// Put a sandbox back in a snapshot's state, keeping its name.
+    #[command(long_about = ROLLBACK_ABOUT)]
+    Rollback(RollbackArgs),
+    /// List, show and delete snapshots; show their lineage (`tree`).
     Snapshots(SnapshotsArgs),
     /// Print a shell completion script.
     Completions {
@@ -343,6 +350,123 @@ pub struct RestoreArgs {
     pub id: String,
 }
 
+const FORK_ABOUT: &str = "\
+Start new sandboxes from a snapshot, or from a running sandbox.
+
+Each fork is its own machine (hostname, machine id, clock, entropy) whose
+processes, memory and disk continue from the snapshot. The forks are named
+PREFIX-1 to PREFIX-N; it is all or nothing: if one cannot be made, none is
+left. Forking a running or paused sandbox (--sandbox) snapshots it first and
+deletes that snapshot afterwards.
+
+Examples:
+  arrakis fork base -c 3                 # base-fork-1 .. base-fork-3
+  arrakis fork -i base --prefix worker   # worker-1
+  arrakis fork --sandbox dev -c 2        # dev-fork-1, dev-fork-2";
+
+/// What `fork` starts from: a snapshot id (as a word or `-i`), or a
+/// sandbox (`--sandbox`/`-n`); exactly one.
+#[derive(Debug, ClapArgs)]
+#[group(id = "fork_source", required = true, multiple = false)]
+pub struct ForkSourceArgs {
+    /// The snapshot to fork.
+    #[arg(value_name = "SNAPSHOT_ID")]
+    snapshot: Option<String>,
+    /// The snapshot to fork (the same as SNAPSHOT_ID).
+    #[arg(
+        short = 'i',
+        long = "snapshot",
+        visible_alias = "id",
+        value_name = "ID"
+    )]
+    snapshot_flag: Option<String>,
+    /// Fork this running or paused sandbox instead of a snapshot.
+    #[arg(
+        short = 'n',
+        long = "sandbox",
+        visible_alias = "name",
+        value_name = "NAME"
+    )]
+    sandbox: Option<String>,
+}
+
+impl ForkSourceArgs {
+    pub fn get(&self) -> ForkSource {
+        match (
+            &self.sandbox,
+            self.snapshot.as_ref().or(self.snapshot_flag.as_ref()),
+        ) {
+            (Some(name), _) => ForkSource::Sandbox(name.clone()),
+            (None, id) => ForkSource::Snapshot(id.cloned().unwrap_or_default()),
+        }
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ForkArgs {
+    #[command(flatten)]
+    pub source: ForkSourceArgs,
+    /// How many sandboxes to start (1 to 64).
+    #[arg(
+        short = 'c',
+        long = "count",
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_FORKS))
+    )]
+    pub count: u32,
+    /// Name the forks PREFIX-1 to PREFIX-N (default: the snapshot id or
+    /// the sandbox name, plus "-fork").
+    #[arg(short = 'p', long = "prefix", value_name = "PREFIX")]
+    pub prefix: Option<String>,
+}
+
+const ROLLBACK_ABOUT: &str = "\
+Put a sandbox back in a snapshot's state, keeping its name.
+
+Its memory, devices and disk are replaced by the snapshot's (which can be of
+any sandbox with the same vCPUs, memory and image): what ran since is gone.
+The sandbox can be running, paused, stopped or crashed; it runs afterwards.
+
+Examples:
+  arrakis rollback dev before
+  arrakis rollback -n dev -i before";
+
+#[derive(Debug, ClapArgs)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub snapshot: SnapshotIdArg,
+}
+
+/// A snapshot id, as a word after the sandbox name or as `-i ID`.
+#[derive(Debug, Clone, ClapArgs)]
+#[group(id = "snapshot_id", required = true, multiple = false)]
+pub struct SnapshotIdArg {
+    /// The snapshot whose state replaces the sandbox's.
+    #[arg(value_name = "SNAPSHOT_ID")]
+    id: Option<String>,
+    /// The snapshot (the same as SNAPSHOT_ID).
+    #[arg(
+        short = 'i',
+        long = "id",
+        visible_alias = "snapshot",
+        value_name = "ID"
+    )]
+    id_flag: Option<String>,
+}
+
+impl SnapshotIdArg {
+    pub fn get(&self) -> &str {
+        self.id
+            .as_deref()
+            .or(self.id_flag.as_deref())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, ClapArgs)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct SnapshotsArgs {
@@ -367,6 +491,14 @@ pub enum SnapshotsVerb {
     /// Delete a snapshot.
     #[command(visible_alias = "delete")]
     Rm { id: String },
+    /// Show the lineage of snapshots and sandboxes as a tree.
+    ///
+    /// Each snapshot is shown under the snapshot its sandbox came from,
+    /// with the sandbox it was taken of; below it, the sandboxes restored,
+    /// forked or rolled back from it. Snapshots whose parent was deleted,
+    /// and sandboxes whose snapshot was, are shown at the top, marked.
+    /// With --json, the same as nested objects.
+    Tree,
 }
 
 #[derive(Debug, Subcommand)]
@@ -633,6 +765,71 @@ mod tests {
             ));
         }
         refused(&["completions", "cmd.exe"]);
+    }
+
+    #[test]
+    fn fork_takes_a_snapshot_or_a_sandbox_and_a_bounded_count() {
+        let fork = |words: &[&str]| {
+            let mut argv = vec!["fork"];
+            argv.extend_from_slice(words);
+            let Verb::Fork(fork) = parse(&argv).command else {
+                panic!("not fork")
+            };
+            (fork.source.get(), fork.count, fork.prefix)
+        };
+        let snapshot = |id: &str| ForkSource::Snapshot(id.into());
+        assert_eq!(fork(&["s1"]), (snapshot("s1"), 1, None));
+        assert_eq!(fork(&["-i", "s1", "-c", "3"]), (snapshot("s1"), 3, None));
+        assert_eq!(
+            fork(&["--snapshot", "s1", "--count", "64", "--prefix", "w"]),
+            (snapshot("s1"), 64, Some("w".into()))
+        );
+        assert_eq!(fork(&["--id", "s1", "-p", "w"]).2.as_deref(), Some("w"));
+        assert_eq!(
+            fork(&["--sandbox", "dev", "-c", "2"]),
+            (ForkSource::Sandbox("dev".into()), 2, None)
+        );
+        assert_eq!(fork(&["-n", "dev"]).0, ForkSource::Sandbox("dev".into()));
+        refused(&["fork"]);
+        refused(&["fork", "s1", "--sandbox", "dev"]);
+        refused(&["fork", "s1", "-i", "s2"]);
+        for bad in ["0", "65", "-1", "many"] {
+            let error = refused(&["fork", "s1", "-c", bad]);
+            assert!(error.contains("--count"), "{bad}: {error}");
+        }
+        assert!(refused(&["fork", "s1", "-c", "65"]).contains("1..=64"));
+    }
+
+    #[test]
+    fn rollback_takes_words_or_the_original_flags() {
+        let rollback = |words: &[&str]| {
+            let mut argv = vec!["rollback"];
+            argv.extend_from_slice(words);
+            let Verb::Rollback(rollback) = parse(&argv).command else {
+                panic!("not rollback")
+            };
+            (
+                rollback.name.get().to_string(),
+                rollback.snapshot.get().to_string(),
+            )
+        };
+        let expected = ("my box".to_string(), "s 1".to_string());
+        assert_eq!(rollback(&["my box", "s 1"]), expected);
+        assert_eq!(rollback(&["-n", "my box", "-i", "s 1"]), expected);
+        assert_eq!(rollback(&["--name", "my box", "--id", "s 1"]), expected);
+        assert_eq!(rollback(&["my box", "--snapshot", "s 1"]), expected);
+        refused(&["rollback", "a"]);
+        refused(&["rollback", "-n", "a"]);
+        refused(&["rollback", "a", "s1", "-i", "s2"]);
+        refused(&["rollback", "a", "-n", "b", "-i", "s1"]);
+    }
+
+    #[test]
+    fn snapshots_tree() {
+        let Verb::Snapshots(s) = parse(&["snapshots", "tree", "--json"]).command else {
+            panic!()
+        };
+        assert!(matches!(s.action, Some(SnapshotsVerb::Tree)));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod backend;
 mod cli;
 mod commands;
+mod lineage;
 mod output;
 mod tarball;
 

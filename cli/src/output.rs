@@ -97,7 +97,7 @@ pub fn status_text(status: VmStatus) -> &'static str {
 }
 
 /// `2025-05-26T07:17:03Z` as `2025-05-26 07:17:03`.
-fn when(rfc3339: &str) -> String {
+pub fn when(rfc3339: &str) -> String {
     let text = rfc3339.replacen('T', " ", 1);
     text.strip_suffix('Z').map(str::to_string).unwrap_or(text)
 }
@@ -171,6 +171,14 @@ pub fn snapshot(snapshot: &Snapshot, json: bool) -> anyhow::Result<()> {
         return self::json(snapshot);
     }
     print(&snapshot_table(std::slice::from_ref(snapshot)))
+}
+
+/// The lineage of snapshots: an indented tree, or nested JSON.
+pub fn lineage(lineage: &crate::lineage::Lineage, json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(lineage);
+    }
+    print(&crate::lineage::render(lineage))
 }
 
 /// `ls -l`-like lines: kind and mode, owner, size, name (and link target).

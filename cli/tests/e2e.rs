@@ -310,3 +310,84 @@ fn snapshots_work_in_process_too() {
     env.ok(&["destroy-all"]);
     assert!(env.qemu_pids().is_empty());
 }
+
+#[test]
+fn fork_rollback_and_the_lineage_tree() {
+    let env = Env::new();
+    env.ok(&["start", "-n", "orig"]);
+    env.ok(&["exec", "orig", "--shell", "--", "echo base > /root/mark"]);
+    env.ok(&["snapshot", "-n", "orig", "-i", "base"]);
+    // The snapshot outlives its sandbox; fewer VMs at once.
+    env.ok(&["destroy", "orig"]);
+
+    // The count is checked before anything starts.
+    let out = env.run(&["fork", "base", "-c", "65"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--count"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = env.ok(&["fork", "base", "-c", "2"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(
+        lines[1].starts_with("base-fork-1 ") && lines[1].contains("RUNNING"),
+        "{table}"
+    );
+    assert!(lines[2].starts_with("base-fork-2 "), "{table}");
+    assert_eq!(
+        env.ok(&["exec", "base-fork-1", "--", "cat", "/root/mark"]),
+        "base\n"
+    );
+
+    // A snapshot of a fork descends from the fork's snapshot.
+    env.ok(&[
+        "exec",
+        "base-fork-1",
+        "--shell",
+        "--",
+        "echo child > /root/mark",
+    ]);
+    let child: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", "-n", "base-fork-1", "-i", "child", "--json"]))
+            .unwrap();
+    assert_eq!(child["parentSnapshot"], "base");
+
+    // Rollback: the other fork takes that state, under its own name.
+    let vm: serde_json::Value =
+        serde_json::from_str(&env.ok(&["rollback", "base-fork-2", "child", "--json"])).unwrap();
+    assert_eq!(
+        (&vm["vmName"], &vm["status"], &vm["fromSnapshot"]),
+        (
+            &serde_json::json!("base-fork-2"),
+            &serde_json::json!("RUNNING"),
+            &serde_json::json!("child")
+        )
+    );
+    assert_eq!(
+        env.ok(&["exec", "base-fork-2", "--", "cat", "/root/mark"]),
+        "child\n"
+    );
+
+    let tree = env.ok(&["snapshots", "tree"]);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(lines.len(), 4, "{tree}");
+    assert!(lines[0].starts_with("snapshot base  of orig, "), "{tree}");
+    assert_eq!(lines[1], "├── sandbox base-fork-1  RUNNING", "{tree}");
+    assert!(
+        lines[2].starts_with("└── snapshot child  of base-fork-1, "),
+        "{tree}"
+    );
+    assert_eq!(lines[3], "    └── sandbox base-fork-2  RUNNING", "{tree}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshots", "tree", "--json"])).unwrap();
+    let base = &json["snapshots"][0];
+    assert_eq!(base["snapshotId"], "base");
+    assert_eq!(base["sandboxes"][0]["vmName"], "base-fork-1");
+    assert_eq!(base["children"][0]["snapshotId"], "child");
+    assert_eq!(base["children"][0]["sandboxes"][0]["vmName"], "base-fork-2");
+    env.ok(&["destroy-all"]);
+    assert!(env.qemu_pids().is_empty());
+}

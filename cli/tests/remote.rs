@@ -515,3 +515,71 @@ fn the_token_goes_with_every_call_when_the_server_wants_one() {
     assert!(stderr_of(&out).contains("HTTP 401"), "{}", stderr_of(&out));
     server.ok(&["--token", "s3cret-token-0123456789", "destroy-all"]);
 }
+
+#[test]
+fn fork_rollback_and_the_lineage_tree_through_the_api() {
+    let server = Server::start();
+    server.ok(&["start", "-n", "origin"]);
+    server.ok(&["exec", "origin", "--shell", "--", "echo base > /root/mark"]);
+    server.ok(&["snapshot", "-n", "origin", "-i", "base"]);
+    server.ok(&["destroy", "origin"]);
+
+    let forks: Vec<serde_json::Value> = serde_json::from_str(
+        &server.ok(&["fork", "-i", "base", "-c", "2", "--prefix", "w", "--json"]),
+    )
+    .unwrap();
+    let names: Vec<&str> = forks
+        .iter()
+        .filter_map(|vm| vm["vmName"].as_str())
+        .collect();
+    assert_eq!(names, ["w-1", "w-2"]);
+    assert!(
+        forks.iter().all(|vm| vm["fromSnapshot"] == "base"),
+        "{forks:?}"
+    );
+    assert_eq!(
+        server.ok(&["exec", "w-2", "--", "cat", "/root/mark"]),
+        "base\n"
+    );
+
+    server.ok(&["exec", "w-1", "--shell", "--", "echo child > /root/mark"]);
+    server.ok(&["snapshot", "-n", "w-1", "-i", "child"]);
+    let out = server.ok(&["rollback", "-n", "w-2", "-i", "child"]);
+    assert!(out.starts_with("NAME") && out.contains("w-2"), "{out}");
+    assert_eq!(
+        server.ok(&["exec", "w-2", "--", "cat", "/root/mark"]),
+        "child\n"
+    );
+    let out = server.run(&["rollback", "w-2", "no such snapshot"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("HTTP 404"), "{}", stderr_of(&out));
+
+    let tree = server.ok(&["snapshots", "tree"]);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(lines.len(), 4, "{tree}");
+    assert!(lines[0].starts_with("snapshot base  of origin, "), "{tree}");
+    assert_eq!(lines[1], "├── sandbox w-1  RUNNING", "{tree}");
+    assert!(
+        lines[2].starts_with("└── snapshot child  of w-1, "),
+        "{tree}"
+    );
+    assert_eq!(lines[3], "    └── sandbox w-2  RUNNING", "{tree}");
+
+    // Forking a sandbox (POST /v1/vms/{name}/fork) goes through a snapshot
+    // that is deleted afterwards: the fork shows at the top.
+    server.ok(&["destroy", "w-2"]);
+    let out = server.ok(&["fork", "--sandbox", "w-1", "--prefix", "x"]);
+    assert!(out.contains("x-1") && out.contains("RUNNING"), "{out}");
+    assert_eq!(
+        server.ok(&["exec", "x-1", "--", "cat", "/root/mark"]),
+        "child\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&server.ok(&["snapshots", "tree", "--json"])).unwrap();
+    assert_eq!(json["sandboxes"][0]["vmName"], "x-1", "{json}");
+    assert_eq!(
+        json["snapshots"][0]["sandboxes"][0]["vmName"], "w-1",
+        "{json}"
+    );
+    server.ok(&["destroy-all"]);
+}

@@ -5,7 +5,9 @@ use arrakis_api::wire::exec::ExecBody;
 use arrakis_api::wire::snapshots::Snapshot;
 use arrakis_api::wire::Vm;
 use arrakis_protocol::{Command, ExecRequest};
-use arrakis_runtime::{ErrorKind, ExecEvent, ExecSession, Manager, SandboxSpec, WriteOptions};
+use arrakis_runtime::{
+    ErrorKind, ExecEvent, ExecSession, ForkSource, Manager, SandboxSpec, WriteOptions,
+};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -247,4 +249,18 @@ pub async fn delete_snapshot(manager: &Manager, id: &str) -> anyhow::Result<()> 
 
 pub async fn restore(manager: &Manager, name: &str, id: &str) -> anyhow::Result<Vm> {
     Ok(Vm::from(&manager.restore(id, name).await?))
+}
+
+pub async fn fork(
+    manager: &Manager,
+    source: ForkSource,
+    count: u32,
+    prefix: &str,
+) -> anyhow::Result<Vec<Vm>> {
+    let infos = manager.fork(source, count, prefix).await?;
+    Ok(infos.iter().map(Vm::from).collect())
+}
+
+pub async fn rollback(manager: &Manager, name: &str, snapshot_id: &str) -> anyhow::Result<Vm> {
+    Ok(Vm::from(&manager.rollback(name, snapshot_id).await?))
 }

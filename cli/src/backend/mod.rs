@@ -16,7 +16,7 @@ use arrakis_api::wire::exec::{ExecBody, ExecExit};
 use arrakis_api::wire::fs::{Entry, Listing};
 use arrakis_api::wire::snapshots::Snapshot;
 use arrakis_api::wire::Vm;
-use arrakis_runtime::{ExecSession, ExecStdin, Manager, RuntimeConfig};
+use arrakis_runtime::{ExecSession, ExecStdin, ForkSource, Manager, RuntimeConfig};
 use bytes::Bytes;
 
 pub use remote::Client;
@@ -106,6 +106,29 @@ impl Backend {
         match self {
             Backend::Local(manager) => local::restore(manager, name, snapshot_id).await,
             Backend::Remote(client) => client.restore(name, snapshot_id).await,
+        }
+    }
+
+    /// Starts `count` sandboxes `{prefix}-1..{count}` from a snapshot or a
+    /// running sandbox; all or nothing. Returned in name order.
+    pub async fn fork(
+        &self,
+        source: ForkSource,
+        count: u32,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<Vm>> {
+        match self {
+            Backend::Local(manager) => local::fork(manager, source, count, prefix).await,
+            Backend::Remote(client) => client.fork(&source, count, prefix).await,
+        }
+    }
+
+    /// Replaces the state of sandbox `name` with a snapshot's; returns the
+    /// sandbox afterwards.
+    pub async fn rollback(&self, name: &str, snapshot_id: &str) -> anyhow::Result<Vm> {
+        match self {
+            Backend::Local(manager) => local::rollback(manager, name, snapshot_id).await,
+            Backend::Remote(client) => client.rollback(name, snapshot_id).await,
         }
     }
 

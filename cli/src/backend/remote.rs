@@ -10,8 +10,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use arrakis_api::wire::exec::{ExecBody, ExecExit, ExecResult, OutputChunk, WsMessage};
 use arrakis_api::wire::fs::{ChmodBody, Entry, Extracted, Listing, MkdirBody, Written};
-use arrakis_api::wire::snapshots::{Snapshot, SnapshotList, SnapshotRequest};
+use arrakis_api::wire::snapshots::{
+    ForkRequest, RollbackRequest, Snapshot, SnapshotList, SnapshotRequest,
+};
 use arrakis_api::wire::{ErrorBody, StartVmRequest, Success, UpdateStateRequest, Vm, VmList};
+use arrakis_runtime::ForkSource;
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -222,6 +225,39 @@ impl Client {
         };
         self.json(self.request(Method::POST, &["vms"]).json(&body))
             .await
+    }
+
+    /// `POST /v1/snapshots/{id}/fork` or `POST /v1/vms/{name}/fork`.
+    pub async fn fork(
+        &self,
+        source: &ForkSource,
+        count: u32,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<Vm>> {
+        let segments = match source {
+            ForkSource::Snapshot(id) => ["snapshots", id.as_str(), "fork"],
+            ForkSource::Sandbox(name) => ["vms", name.as_str(), "fork"],
+        };
+        let body = ForkRequest {
+            count,
+            name_prefix: Some(prefix.to_string()),
+        };
+        let list: VmList = self
+            .json(self.request(Method::POST, &segments).json(&body))
+            .await?;
+        Ok(list.vms)
+    }
+
+    /// `POST /v1/vms/{name}/rollback`.
+    pub async fn rollback(&self, name: &str, snapshot_id: &str) -> anyhow::Result<Vm> {
+        let body = RollbackRequest {
+            snapshot_id: snapshot_id.to_string(),
+        };
+        self.json(
+            self.request(Method::POST, &["vms", name, "rollback"])
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn get_vm(&self, name: &str) -> anyhow::Result<Vm> {

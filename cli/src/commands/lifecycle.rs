@@ -1,13 +1,15 @@
-//! create, start, stop, pause, resume, destroy, list, snapshots: the
-//! sandbox's life, and how each verb shows its result.
+//! create, start, stop, pause, resume, destroy, list, snapshots, fork,
+//! rollback: the sandbox's life, and how each verb shows its result.
 
 use std::collections::BTreeMap;
 
 use anyhow::bail;
+use arrakis_runtime::ForkSource;
 
 use crate::backend::{Backend, Change, NewVm};
 use crate::cli::{
-    CreateArgs, RestoreArgs, SizeArgs, SnapshotArgs, SnapshotsArgs, SnapshotsVerb, StartArgs,
+    CreateArgs, ForkArgs, RestoreArgs, RollbackArgs, SizeArgs, SnapshotArgs, SnapshotsArgs,
+    SnapshotsVerb, StartArgs,
 };
 use crate::output;
 
@@ -78,6 +80,33 @@ pub async fn restore(backend: &Backend, args: RestoreArgs, json: bool) -> anyhow
     Ok(0)
 }
 
+/// The forks' name prefix when none is given: the snapshot id or the
+/// sandbox name, plus `-fork` (what the API does too).
+pub fn default_prefix(source: &ForkSource) -> String {
+    match source {
+        ForkSource::Snapshot(id) => format!("{id}-fork"),
+        ForkSource::Sandbox(name) => format!("{name}-fork"),
+    }
+}
+
+pub async fn fork(backend: &Backend, args: ForkArgs, json: bool) -> anyhow::Result<u8> {
+    let source = args.source.get();
+    let prefix = args
+        .prefix
+        .filter(|prefix| !prefix.is_empty())
+        .unwrap_or_else(|| default_prefix(&source));
+    output::vms(&backend.fork(source, args.count, &prefix).await?, json)?;
+    Ok(0)
+}
+
+pub async fn rollback(backend: &Backend, args: RollbackArgs, json: bool) -> anyhow::Result<u8> {
+    let vm = backend
+        .rollback(args.name.get(), args.snapshot.get())
+        .await?;
+    output::vm(&vm, json)?;
+    Ok(0)
+}
+
 pub async fn list(backend: &Backend, name: Option<&str>, json: bool) -> anyhow::Result<u8> {
     match name {
         Some(name) => output::vm(&backend.get(name).await?, json)?,
@@ -128,6 +157,13 @@ pub async fn snapshots(backend: &Backend, args: SnapshotsArgs, json: bool) -> an
             output::snapshot(&backend.get_snapshot(&id).await?, json)?
         }
         Some(SnapshotsVerb::Rm { id }) => backend.delete_snapshot(&id).await?,
+        Some(SnapshotsVerb::Tree) => {
+            // Sandboxes first: the snapshot each came from existed before
+            // it, so it is in the later list unless deleted meanwhile.
+            let vms = backend.list().await?;
+            let snapshots = backend.snapshots(None).await?;
+            output::lineage(&crate::lineage::build(&snapshots, &vms), json)?
+        }
     }
     Ok(0)
 }
@@ -145,6 +181,18 @@ mod tests {
             let err = env_pairs(&[bad.into()], "--env").unwrap_err();
             assert!(err.to_string().contains("--env"), "{err}");
         }
+    }
+
+    #[test]
+    fn forks_are_named_after_their_source_by_default() {
+        assert_eq!(
+            default_prefix(&ForkSource::Snapshot("base".into())),
+            "base-fork"
+        );
+        assert_eq!(
+            default_prefix(&ForkSource::Sandbox("dev".into())),
+            "dev-fork"
+        );
     }
 
     #[test]

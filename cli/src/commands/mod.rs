@@ -62,6 +62,8 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Verb::DestroyAll => lifecycle::destroy_all(backend).await,
         Verb::Snapshot(snapshot) => lifecycle::snapshot(backend, snapshot, json).await,
         Verb::Restore(restore) => lifecycle::restore(backend, restore, json).await,
+        Verb::Fork(fork) => lifecycle::fork(backend, fork, json).await,
+        Verb::Rollback(rollback) => lifecycle::rollback(backend, rollback, json).await,
         Verb::Snapshots(snapshots) => lifecycle::snapshots(backend, snapshots, json).await,
         Verb::Completions { .. } | Verb::Serve(_) => unreachable!("handled above"),
     }
