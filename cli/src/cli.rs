@@ -162,11 +162,15 @@ pub struct SizeArgs {
     /// Base image name.
     #[arg(long)]
     pub image: Option<String>,
+    /// Boot the guest even when a golden snapshot of this image and shape
+    /// could warm-start it.
+    #[arg(long)]
+    pub cold_boot: bool,
 }
 
 impl SizeArgs {
     pub fn is_set(&self) -> bool {
-        self.vcpus.is_some() || self.memory_mb.is_some() || self.image.is_some()
+        self.vcpus.is_some() || self.memory_mb.is_some() || self.image.is_some() || self.cold_boot
     }
 }
 

@@ -109,6 +109,10 @@ pub struct RuntimeConfig {
     /// `create` and `restore` beyond it fail with
     /// [`crate::ErrorKind::ResourceExhausted`]. 0: unlimited.
     pub max_sandboxes: u32,
+    /// Create sandboxes by restoring a golden snapshot of the same image
+    /// and shape, kept the first time one boots (see `manager::golden`),
+    /// instead of booting each. Off: every create boots.
+    pub warm_start: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -150,12 +154,13 @@ impl RuntimeConfig {
             extra_kernel_args: Vec::new(),
             ram_dir: None,
             max_sandboxes: 0,
+            warm_start: true,
         }
     }
 
     /// The defaults with the environment applied: `ARRAKIS_HOME`,
     /// `ARRAKIS_STATE_DIR`, `ARRAKIS_RAM_DIR`, `ARRAKIS_ACCEL` (`auto`,
-    /// `kvm`, `tcg`).
+    /// `kvm`, `tcg`), `ARRAKIS_WARM_START` (`true`, `false`).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(|var| std::env::var(var).ok())
     }
@@ -167,6 +172,19 @@ impl RuntimeConfig {
         }
         if let Some(dir) = env("ARRAKIS_RAM_DIR").filter(|v| !v.is_empty()) {
             config.ram_dir = Some(PathBuf::from(dir));
+        }
+        if let Some(value) = env("ARRAKIS_WARM_START").filter(|v| !v.is_empty()) {
+            config.warm_start = match value.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "ARRAKIS_WARM_START",
+                        value: value.clone(),
+                        message: "expected true or false".to_string(),
+                    })
+                }
+            };
         }
         if let Some(value) = env("ARRAKIS_ACCEL").filter(|v| !v.is_empty()) {
             config.accel = value.parse().map_err(|message| ConfigError::Env {

@@ -141,6 +141,20 @@ impl RuntimeError {
         }
     }
 
+    /// True for failures of a restore that say the snapshot is unusable
+    /// here (QEMU would not load it, the guest did not come back, its files
+    /// are unreadable), rather than something about the request or host.
+    pub fn blames_snapshot(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Restore { .. }
+                | RuntimeError::Vmm { .. }
+                | RuntimeError::Io { .. }
+                | RuntimeError::Agent { .. }
+                | RuntimeError::SnapshotIncompatible { .. }
+        )
+    }
+
     /// The error and all its causes on one line, for logs and API bodies.
     pub fn chain(&self) -> String {
         crate::agent::error_chain(self)

@@ -34,6 +34,9 @@ pub struct SandboxSpec {
     /// and restores). Validated by [`validate_env`].
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Boot even if a golden snapshot could warm-start it.
+    #[serde(default)]
+    pub cold_boot: bool,
 }
 
 impl SandboxSpec {

@@ -87,7 +87,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE snapshots ADD COLUMN state_format TEXT NOT NULL DEFAULT 'migration';
     ALTER TABLE snapshots ADD COLUMN golden_key TEXT;
     CREATE UNIQUE INDEX snapshots_golden_key ON snapshots(golden_key)
-        WHERE golden_key IS NOT NULL;",
+        WHERE golden_key IS NOT NULL;
+    CREATE TABLE file_digests (
+        path        TEXT PRIMARY KEY NOT NULL,
+        stamp       TEXT NOT NULL,
+        sha256      TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Every layer that is live (see the module documentation).
@@ -563,6 +568,34 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(query_err("read a snapshot"))?;
         get_snapshot(&tx, id)
+    }
+
+    /// The digest recorded for `path` if it was taken of the version of
+    /// the file identified by `stamp`.
+    pub fn file_digest(&self, path: &Path, stamp: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT sha256 FROM file_digests WHERE path = ?1 AND stamp = ?2",
+            params![path.to_string_lossy(), stamp],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(query_err("read a file digest"))
+    }
+
+    pub fn record_file_digest(
+        &self,
+        path: &Path,
+        stamp: &str,
+        sha256: &str,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR REPLACE INTO file_digests (path, stamp, sha256) VALUES (?1, ?2, ?3)",
+            params![path.to_string_lossy(), stamp, sha256],
+        )
+        .map(drop)
+        .map_err(query_err("record a file digest"))
     }
 
     /// The ready golden snapshot with `key`, if any.

@@ -34,6 +34,8 @@ impl VmTestEnv {
         config.state_dir = state.path().join("state");
         config.ram_dir = Some(ram.path().to_path_buf());
         config.boot_timeout_secs = 120;
+        // Tests boot what they create unless they test warm starts.
+        config.warm_start = false;
         let image = config
             .images_dir
             .join(&config.default_image)

@@ -1278,3 +1278,134 @@ fn a_fork_beyond_the_quota_starts_nothing() {
         assert_all_gone(&env);
     });
 }
+
+/// Warm starts: the first create of an image and shape keeps a golden
+/// snapshot (booted under a neutral hostname); the next create is restored
+/// from it (its kernel is the golden boot's: the same command line) and is
+/// still its own machine. `cold_boot` and another shape boot; a changed
+/// boot input or a broken golden snapshot falls back to a boot and a new
+/// golden snapshot.
+#[test]
+fn creates_warm_start_from_a_golden_snapshot() {
+    let mut env = TestEnv::new();
+    env.config.warm_start = true;
+    const IDENTITY: &str = "cat /proc/cmdline; hostname; echo \"id=$(cat /etc/machine-id)\"";
+    async fn cmdline(manager: &arrakis_runtime::Manager, name: &str) -> String {
+        let agent = manager.agent(name).await.unwrap();
+        sh(&agent, "cat /proc/cmdline").await.0
+    }
+    run(async {
+        let manager = env.manager().await;
+        manager
+            .create(SandboxSpec::named("w1"))
+            .await
+            .expect("cold create");
+        let golden = manager.golden_snapshots().await.unwrap();
+        assert_eq!(golden.len(), 1, "{golden:?}");
+        assert!(manager.list_snapshots().await.unwrap().is_empty());
+        let err = manager.get_snapshot(&golden[0].id).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::NotFound,
+            "golden snapshots are internal"
+        );
+        let w1 = manager.agent("w1").await.unwrap();
+        let first = sh(&w1, IDENTITY).await.0;
+        sh(
+            &w1,
+            "echo mine > /root/w1-only; echo mine > /dev/shm/w1-only",
+        )
+        .await;
+
+        let w2 = manager
+            .create(SandboxSpec {
+                env: env_of(&[("K", "v")]),
+                ..SandboxSpec::named("w2")
+            })
+            .await
+            .expect("warm create");
+        assert_eq!(
+            (w2.from_snapshot.as_deref(), w2.env["K"].as_str()),
+            (None, "v")
+        );
+        let a2 = manager.agent("w2").await.unwrap();
+        let second = sh(&a2, IDENTITY).await.0;
+        let (first, second): (Vec<&str>, Vec<&str>) =
+            (first.lines().collect(), second.lines().collect());
+        assert!(
+            first[0].contains("arrakis.hostname=sandbox "),
+            "{}",
+            first[0]
+        );
+        assert_eq!(first[0], second[0], "w2 booted instead of warm-starting");
+        assert_eq!((first[1], second[1]), ("w1", "w2"));
+        assert_ne!(first[2], second[2], "machine-ids must differ");
+        // The golden instant precedes anything run in w1.
+        let (out, _, code) = sh(&a2, "cat /root/w1-only /dev/shm/w1-only").await;
+        assert_ne!(code, 0, "w2 sees w1's files: {out}");
+        assert_eq!(manager.golden_snapshots().await.unwrap(), golden);
+
+        // Asked to, or for another shape, it boots.
+        manager
+            .create(SandboxSpec {
+                cold_boot: true,
+                ..SandboxSpec::named("w3")
+            })
+            .await
+            .unwrap();
+        manager
+            .create(SandboxSpec {
+                memory_mb: Some(320),
+                ..SandboxSpec::named("w4")
+            })
+            .await
+            .unwrap();
+        assert!(cmdline(&manager, "w3")
+            .await
+            .contains("arrakis.hostname=w3 "));
+        assert!(cmdline(&manager, "w4")
+            .await
+            .contains("arrakis.hostname=sandbox "));
+        assert_eq!(manager.golden_snapshots().await.unwrap().len(), 2);
+        for name in ["w2", "w3", "w4"] {
+            manager.destroy(name).await.unwrap();
+        }
+        drop(manager);
+
+        // Another boot input (here a kernel argument): a new key, a boot,
+        // and the old golden snapshot of that shape replaced.
+        let mut changed = env.config.clone();
+        changed.extra_kernel_args = vec!["arrakis.test=1".into()];
+        let manager = arrakis_runtime::Manager::open(changed).await.unwrap();
+        manager.create(SandboxSpec::named("w5")).await.unwrap();
+        assert!(cmdline(&manager, "w5").await.contains("arrakis.test=1"));
+        let now = manager.golden_snapshots().await.unwrap();
+        assert_eq!(now.len(), 2, "{now:?}");
+        assert!(!now.iter().any(|g| g.id == golden[0].id), "{now:?}");
+
+        // A golden snapshot that no longer restores is dropped for a boot
+        // (the only snapshots here are golden ones), and replaced.
+        for entry in TestEnv::entries(&env.snapshots_dir()) {
+            let state = env.snapshots_dir().join(entry).join("state.bin");
+            if state.is_file() {
+                std::fs::write(state, b"not a device state").unwrap();
+            }
+        }
+        manager
+            .create(SandboxSpec::named("w6"))
+            .await
+            .expect("falls back to a boot");
+        manager
+            .create(SandboxSpec::named("w7"))
+            .await
+            .expect("warm from the new golden");
+        let agent = manager.agent("w7").await.unwrap();
+        assert_eq!(sh(&agent, "hostname").await.0, "w7\n");
+        assert_eq!(cmdline(&manager, "w7").await, cmdline(&manager, "w6").await);
+        for name in ["w1", "w5", "w6", "w7"] {
+            manager.destroy(name).await.unwrap();
+        }
+        assert_eq!(manager.clear_golden_snapshots().await.unwrap(), 2);
+        assert_all_gone(&env);
+    });
+}

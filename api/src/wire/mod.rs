@@ -190,6 +190,10 @@ pub struct StartVmRequest {
     /// Guest ports to reach from the host.
     #[serde(default)]
     pub port_forwards: Option<Vec<PortForwardRequest>>,
+    /// Boot the guest even when the server could warm-start the VM from a
+    /// golden snapshot of its image and shape.
+    #[serde(default)]
+    pub cold_boot: Option<bool>,
 }
 
 /// A guest port to forward; the host port is picked when absent or 0.
@@ -236,6 +240,11 @@ impl StartVmRequest {
                     "env and portForwards cannot be given with snapshotId: a restored VM has its snapshot's",
                 ));
             }
+            if self.cold_boot == Some(true) {
+                return Err(ApiError::unprocessable(
+                    "coldBoot cannot be given with snapshotId: a restored VM does not boot",
+                ));
+            }
             return Ok(StartCommand::Restore { name, snapshot_id });
         }
         for (field, value) in [
@@ -254,6 +263,7 @@ impl StartVmRequest {
         spec.memory_mb = self.memory_mb;
         spec.image = self.image;
         spec.env = self.env.unwrap_or_default();
+        spec.cold_boot = self.cold_boot.unwrap_or(false);
         Ok(StartCommand::Start {
             spec,
             port_forwards: self.port_forwards.unwrap_or_default(),

@@ -19,6 +19,7 @@ fn spec(new: NewVm) -> SandboxSpec {
     spec.memory_mb = new.memory_mb;
     spec.image = new.image;
     spec.env = new.env;
+    spec.cold_boot = new.cold_boot;
     spec
 }
 

@@ -34,6 +34,8 @@ pub struct NewVm {
     pub memory_mb: Option<u32>,
     pub image: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// Boot even if a golden snapshot could warm-start it.
+    pub cold_boot: bool,
 }
 
 /// Which state change a PATCH asks for.

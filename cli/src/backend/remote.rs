@@ -211,6 +211,7 @@ impl Client {
             memory_mb: new.memory_mb,
             image: new.image,
             env: (!new.env.is_empty()).then_some(new.env),
+            cold_boot: new.cold_boot.then_some(true),
             ..StartVmRequest::default()
         };
         self.json(self.request(Method::POST, &["vms"]).json(&body))

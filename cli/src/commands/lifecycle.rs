@@ -20,6 +20,7 @@ pub fn new_vm(name: &str, size: &SizeArgs) -> NewVm {
         memory_mb: size.memory_mb,
         image: size.image.clone(),
         env: BTreeMap::new(),
+        cold_boot: size.cold_boot,
     }
 }
 

@@ -6,6 +6,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arrakis_protocol::ConfigureRequest;
+
 use super::{
     create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
     SandboxInfo,
@@ -24,6 +26,9 @@ use crate::vmm::{GuestMemory, VmHandle, VmSpec, VmStatus};
 /// Console lines quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 40;
 
+/// The hostname a golden snapshot's guest boots with.
+const GOLDEN_HOSTNAME: &str = "sandbox";
+
 const SETUP_HINT: &str = "run scripts/setup, or point the runtime config at it";
 
 impl Manager {
@@ -32,6 +37,15 @@ impl Manager {
         spec: SandboxSpec,
     ) -> Result<SandboxInfo, RuntimeError> {
         let record = self.validate_new(&spec)?;
+        let golden_key = match spec.cold_boot {
+            true => None,
+            false => self.golden_key(&record).await,
+        };
+        if let Some(key) = &golden_key {
+            if let Some(info) = self.warm_create(&record, key).await? {
+                return Ok(info);
+            }
+        }
         let lock_path = self.inner.layout.lock_file(&record.id);
         let lock = SandboxLock::try_acquire(&lock_path)
             .map_err(|e| lock_error(&record.name, e))?
@@ -49,14 +63,28 @@ impl Manager {
         }
         tracing::info!(id = %record.id, vcpus = record.vcpus, memory_mb = record.memory_mb, image = %record.image, "creating sandbox");
         let mut record = record;
+        // A boot that becomes a golden snapshot uses a neutral hostname: the
+        // sandboxes warm-started from it must not see this one's name.
+        let golden_key =
+            golden_key.filter(|key| matches!(self.inner.store.golden_snapshot(key), Ok(None)));
+        let hostname = match golden_key {
+            Some(_) => GOLDEN_HOSTNAME.to_string(),
+            None => spec::hostname_for(&record.name),
+        };
         let result = async {
             self.provision(&record).await?;
-            self.boot(&mut record).await
+            self.boot_as(&mut record, hostname).await?;
+            if let Some(key) = &golden_key {
+                self.keep_golden(&record, key).await;
+                self.name_host(&record).await?;
+            }
+            Ok(())
         }
         .await;
         match result {
             Ok(()) => {
                 drop(lock);
+                let record = self.inner.store.get(&record.name)?.unwrap_or(record);
                 Ok(self.info(&record))
             }
             Err(error) => {
@@ -150,6 +178,23 @@ impl Manager {
         })
     }
 
+    /// Gives the guest of `record` its own hostname (after a boot under
+    /// another one).
+    async fn name_host(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
+        let agent = self.agent_for(record).await?;
+        agent
+            .configure(ConfigureRequest {
+                hostname: Some(spec::hostname_for(&record.name)),
+                network: None,
+                entropy: None,
+            })
+            .await
+            .map_err(|source| RuntimeError::Agent {
+                name: record.name.clone(),
+                source,
+            })
+    }
+
     pub(super) fn vm_spec(&self, record: &SandboxRecord) -> VmSpec {
         let config = &self.inner.config;
         let dir = self.inner.layout.sandbox_dir(&record.id);
@@ -172,6 +217,16 @@ impl Manager {
     /// agent; on success the record is `Running`. On failure QEMU is killed
     /// and the record keeps its state (the caller decides what follows).
     async fn boot(&self, record: &mut SandboxRecord) -> Result<(), RuntimeError> {
+        let hostname = spec::hostname_for(&record.name);
+        self.boot_as(record, hostname).await
+    }
+
+    /// [`Manager::boot`] with the guest's hostname at boot.
+    async fn boot_as(
+        &self,
+        record: &mut SandboxRecord,
+        hostname: String,
+    ) -> Result<(), RuntimeError> {
         let running = self.check(record, Operation::Booted)?;
         // An empty RAM file: QEMU sizes it, and the guest starts from zeros.
         self.prepare_ram(&record.id, |ram| {
@@ -183,10 +238,12 @@ impl Manager {
                 .open(ram)
                 .map(drop)
         })?;
+        let mut vm_spec = self.vm_spec(record);
+        vm_spec.hostname = hostname;
         let vm = self
             .inner
             .vmm
-            .launch(&self.vm_spec(record))
+            .launch(&vm_spec)
             .await
             .map_err(|source| RuntimeError::Vmm {
                 name: record.name.clone(),

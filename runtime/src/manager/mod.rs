@@ -18,6 +18,7 @@
 //! a new record.
 
 mod fork;
+mod golden;
 mod lifecycle;
 mod reconcile;
 mod snapshot;
@@ -88,6 +89,8 @@ struct Inner {
     vmm: Arc<dyn Vmm>,
     /// Keyed by sandbox id. The std mutex guards only map access.
     agents: Mutex<HashMap<String, AgentSlot>>,
+    /// Digests of the files golden snapshots are keyed on.
+    digests: golden::DigestCache,
 }
 
 impl Manager {
@@ -129,6 +132,7 @@ impl Manager {
                 store,
                 vmm,
                 agents: Mutex::new(HashMap::new()),
+                digests: golden::DigestCache::default(),
             }),
         };
         manager.reconcile_all().await?;
@@ -208,6 +212,18 @@ impl Manager {
         self.delete_snapshot_inner(id)
             .instrument(tracing::info_span!("snapshot", id = %id))
             .await
+    }
+
+    /// The golden snapshots kept for warm starts (see `cold_boot` and
+    /// [`RuntimeConfig::warm_start`]), oldest first.
+    pub async fn golden_snapshots(&self) -> Result<Vec<SnapshotInfo>, RuntimeError> {
+        self.golden_snapshots_inner()
+    }
+
+    /// Deletes every golden snapshot (the next create of each image and
+    /// shape boots and keeps a new one). Returns how many were deleted.
+    pub async fn clear_golden_snapshots(&self) -> Result<usize, RuntimeError> {
+        self.clear_golden_snapshots_inner().await
     }
 
     /// Starts a new sandbox `new_name` from a snapshot, running from the

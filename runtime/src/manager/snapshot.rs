@@ -166,6 +166,25 @@ impl Manager {
                          stop and start it once",
             });
         }
+        self.snapshot_locked(&record, &vm, layer, id, None).await
+    }
+
+    /// Takes snapshot `id` of `record`'s running VM `vm`, whose disk top is
+    /// `layer`. The caller holds the sandbox's lock. With `golden_key`, the
+    /// snapshot is a golden one (hidden from users; no environment).
+    pub(super) async fn snapshot_locked(
+        &self,
+        record: &SandboxRecord,
+        vm: &VmHandle,
+        layer: String,
+        id: String,
+        golden_key: Option<String>,
+    ) -> Result<SnapshotInfo, RuntimeError> {
+        let env = if golden_key.is_some() {
+            BTreeMap::new()
+        } else {
+            record.env.clone()
+        };
         let dir = new_id()?;
         let snap_lock_path = self.inner.layout.snapshot_lock(&dir);
         let snap_lock = SandboxLock::try_acquire(&snap_lock_path)
@@ -181,14 +200,14 @@ impl Manager {
             memory_mb: record.memory_mb,
             image: record.image.clone(),
             image_path: record.image_path.clone(),
-            env: record.env.clone(),
+            env,
             accel: record.accel,
             layer,
             next_layer: Some(new_id()?),
             created_at: now_secs(),
             parent_snapshot: record.from_snapshot.clone(),
             state_format: StateFormat::Devices,
-            golden_key: None,
+            golden_key,
         };
         if let Err(error) = self.inner.store.begin_snapshot(&snap) {
             remove_file_if_exists(&snap_lock_path);
@@ -198,7 +217,7 @@ impl Manager {
             });
         }
         let mut progress = Progress::default();
-        let result = self.take_snapshot(&record, &vm, &snap, &mut progress).await;
+        let result = self.take_snapshot(record, vm, &snap, &mut progress).await;
         if let Err(error) = result {
             tracing::warn!(id = %snap.id, error = %error.chain(), ?progress, "snapshot failed; cleaning up");
             if progress.frozen && !progress.switched {
@@ -385,11 +404,12 @@ impl Manager {
     }
 
     /// The complete snapshot `id`.
+    /// A ready snapshot users can see (golden ones are internal).
     pub(super) fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord, RuntimeError> {
         self.inner
             .store
             .get_snapshot(id)?
-            .filter(|s| s.state == SnapshotState::Ready)
+            .filter(|s| s.state == SnapshotState::Ready && s.golden_key.is_none())
             .ok_or_else(|| RuntimeError::SnapshotNotFound { id: id.to_string() })
     }
 
@@ -399,7 +419,7 @@ impl Manager {
             .store
             .list_snapshots()?
             .iter()
-            .filter(|s| s.state == SnapshotState::Ready)
+            .filter(|s| s.state == SnapshotState::Ready && s.golden_key.is_none())
             .map(|s| self.snapshot_info(s))
             .collect())
     }
@@ -413,7 +433,17 @@ impl Manager {
             .inner
             .store
             .get_snapshot(id)?
+            .filter(|s| s.golden_key.is_none())
             .ok_or_else(|| RuntimeError::SnapshotNotFound { id: id.to_string() })?;
+        self.delete_snapshot_record(snap).await
+    }
+
+    /// Deletes snapshot `snap` (as read just before) under its lock.
+    pub(super) async fn delete_snapshot_record(
+        &self,
+        snap: SnapshotRecord,
+    ) -> Result<(), RuntimeError> {
+        let id = snap.id.as_str();
         let lock_path = self.inner.layout.snapshot_lock(&snap.dir);
         let _lock = SandboxLock::acquire(&lock_path, self.lock_timeout())
             .await
@@ -450,7 +480,6 @@ impl Manager {
             message,
         })?;
         let (snap_lock, snap) = self.open_snapshot(snapshot_id).await?;
-        let config = &self.inner.config;
         let record = SandboxRecord {
             name: new_name.to_string(),
             id: new_id()?,
@@ -467,6 +496,20 @@ impl Manager {
             disk_layer: Some(new_id()?),
             from_snapshot: Some(snap.id.clone()),
         };
+        self.install_restored(record, &snap, snap_lock).await
+    }
+
+    /// Records `record`, a new sandbox on snapshot `snap` (whose shared lock
+    /// is `snap_lock`), and boots it from the snapshot. On failure nothing
+    /// of it is left.
+    pub(super) async fn install_restored(
+        &self,
+        record: SandboxRecord,
+        snap: &SnapshotRecord,
+        snap_lock: SandboxLock,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        let new_name = record.name.as_str();
+        let config = &self.inner.config;
         let lock_path = self.inner.layout.lock_file(&record.id);
         let lock = SandboxLock::try_acquire(&lock_path)
             .map_err(|e| lock_error(new_name, e))?
@@ -488,7 +531,7 @@ impl Manager {
         }
         tracing::info!(id = %record.id, snapshot = %snap.id, "restoring sandbox");
         let mut record = record;
-        match self.boot_restored(&mut record, &snap, snap_lock).await {
+        match self.boot_restored(&mut record, snap, snap_lock).await {
             Ok(()) => {
                 drop(lock);
                 Ok(self.info(&record))
@@ -512,6 +555,16 @@ impl Manager {
         snapshot_id: &str,
     ) -> Result<(SandboxLock, SnapshotRecord), RuntimeError> {
         let snap = self.ready_snapshot(snapshot_id)?;
+        self.lock_snapshot(snap).await
+    }
+
+    /// [`Manager::open_snapshot`] of a snapshot record just read.
+    pub(super) async fn lock_snapshot(
+        &self,
+        snap: SnapshotRecord,
+    ) -> Result<(SandboxLock, SnapshotRecord), RuntimeError> {
+        let snapshot_id = snap.id.clone();
+        let snapshot_id = snapshot_id.as_str();
         let accel = self.inner.accel.kind();
         if snap.accel != accel {
             return Err(RuntimeError::SnapshotIncompatible {
@@ -540,15 +593,12 @@ impl Manager {
         let snap_lock = SandboxLock::acquire_shared(&snap_lock_path, self.lock_timeout())
             .await
             .map_err(|e| snapshot_lock_error(snapshot_id, e))?;
-        let Ok(snap) = self.ready_snapshot(snapshot_id).and_then(|s| {
-            if s.dir == snap.dir {
-                Ok(s)
-            } else {
-                Err(RuntimeError::SnapshotNotFound {
-                    id: snapshot_id.to_string(),
-                })
-            }
-        }) else {
+        let current = self
+            .inner
+            .store
+            .get_snapshot(snapshot_id)?
+            .filter(|s| s.state == SnapshotState::Ready && s.dir == snap.dir);
+        let Some(snap) = current else {
             remove_file_if_exists(&snap_lock_path);
             return Err(RuntimeError::SnapshotNotFound {
                 id: snapshot_id.to_string(),

@@ -154,6 +154,7 @@ impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::with_home(dir.path());
+        config.warm_start = false;
         config.accel = crate::config::AccelMode::Tcg;
         config.ram_dir = Some(dir.path().join("ram"));
         for path in [&config.kernel, &config.initramfs] {
