@@ -20,6 +20,10 @@ use arrakis_runtime::{
     AccelKind, ExecEvent, ExecOptions, Manager, RuntimeConfig, SandboxSpec, WriteOptions,
 };
 
+mod common;
+
+use common::{argv_request, median, memory_kib, ms, spread};
+
 const MARKER: &str = "ARRAKIS-BENCH-MARKER";
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +38,8 @@ fn main() -> anyhow::Result<()> {
     let state = tempfile::Builder::new().prefix("arrakis-bench").tempdir()?;
     let mut config = RuntimeConfig::from_env()?;
     config.state_dir = state.path().to_path_buf();
+    // Cold starts are what this measures (benches/snapshot.rs: warm ones).
+    config.warm_start = false;
     runtime.block_on(bench(config, runs))
 }
 
@@ -139,13 +145,6 @@ async fn bench(config: RuntimeConfig, runs: usize) -> anyhow::Result<()> {
     );
     manager.destroy("steady").await?;
     Ok(())
-}
-
-fn argv_request(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        command: Command::Argv(argv.iter().map(|s| s.to_string()).collect()),
-        ..ExecRequest::default()
-    }
 }
 
 /// Creates a sandbox and times until the first byte of `echo`'s output.
@@ -258,39 +257,4 @@ async fn guest_spawn_cost(
     let out = agent.exec(request, ExecOptions::default()).await?;
     let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
     Ok(Duration::from_secs_f64(secs))
-}
-
-fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let field = |name: &str| {
-        rollup
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    Ok((field("Rss:"), field("Pss:")))
-}
-
-fn median(times: &mut [Duration]) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-/// "min-max ms" of sorted times.
-fn spread(sorted: &[Duration]) -> String {
-    format!(
-        "{:.0}-{:.0} ms",
-        ms(sorted[0]),
-        ms(sorted[sorted.len() - 1])
-    )
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

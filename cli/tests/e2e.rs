@@ -391,3 +391,78 @@ fn fork_rollback_and_the_lineage_tree() {
     env.ok(&["destroy-all"]);
     assert!(env.qemu_pids().is_empty());
 }
+
+/// Killing the process that takes a snapshot, at any point, leaves either a
+/// complete snapshot or none, and the sandbox usable: the next call (a new
+/// manager) repairs what the dead one left.
+#[test]
+fn a_snapshot_killed_midway_is_all_or_nothing() {
+    let env = Env::new();
+    env.ok(&["create", "victim", "--cold-boot"]);
+    env.ok(&[
+        "exec",
+        "victim",
+        "--shell",
+        "--",
+        "echo 1 > /root/mark; head -c 32M /dev/urandom > /dev/shm/fill",
+    ]);
+    let fill = env.ok(&["exec", "victim", "--shell", "--", "md5sum < /dev/shm/fill"]);
+    let mut complete = 0;
+    let delays = [0u64, 30, 60, 90, 120, 160, 220, 300];
+    for (i, delay) in delays.iter().enumerate() {
+        let id = format!("k{i}");
+        let args = ["snapshot", "-n", "victim", "-i", id.as_str()];
+        let mut child = env
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(*delay));
+        let _ = child.kill();
+        let _ = child.wait();
+
+        assert_eq!(
+            env.ok(&["exec", "victim", "--", "cat", "/root/mark"]),
+            "1\n",
+            "the sandbox after a kill at {delay} ms"
+        );
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
+        let ids: Vec<&str> = listed
+            .iter()
+            .filter_map(|s| s["snapshotId"].as_str())
+            .collect();
+        // Nothing half-made on disk either: one directory per listed snapshot.
+        let dirs = std::fs::read_dir(env.state.path().join("snapshots"))
+            .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
+            .unwrap_or(0);
+        assert_eq!(
+            dirs,
+            ids.len(),
+            "snapshot dirs after a kill at {delay} ms: {ids:?}"
+        );
+        if ids.contains(&id.as_str()) {
+            complete += 1;
+            let clone = format!("r{i}");
+            env.ok(&["restore", "-n", &clone, "-i", &id]);
+            assert_eq!(
+                env.ok(&[
+                    "exec",
+                    &clone,
+                    "--shell",
+                    "--",
+                    "cat /root/mark; md5sum < /dev/shm/fill"
+                ]),
+                format!("1\n{fill}"),
+                "the restore of a snapshot completed before a kill at {delay} ms"
+            );
+            env.ok(&["destroy", &clone]);
+        }
+    }
+    eprintln!(
+        "{complete} of {} snapshots completed before their kill",
+        delays.len()
+    );
+    env.ok(&["destroy-all"]);
+}

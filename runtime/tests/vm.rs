@@ -1409,3 +1409,68 @@ fn creates_warm_start_from_a_golden_snapshot() {
         assert_all_gone(&env);
     });
 }
+
+/// A call in flight while its sandbox is snapshotted carries on and
+/// completes; one in flight when the sandbox is rolled back (its VM
+/// replaced) fails promptly instead of hanging; and a clone of a snapshot
+/// taken mid-call answers new calls (the stale call stays behind).
+#[test]
+fn calls_in_flight_across_snapshot_and_rollback() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("busy")).await.unwrap();
+        manager
+            .snapshot("busy", Some("before".into()))
+            .await
+            .unwrap();
+        let agent = manager.agent("busy").await.unwrap();
+
+        let running = agent.clone();
+        let call = tokio::spawn(async move {
+            running
+                .exec(shell("sleep 1; echo done"), ExecOptions::default())
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        manager
+            .snapshot("busy", Some("during".into()))
+            .await
+            .unwrap();
+        let out = call.await.unwrap().expect("the call survives the snapshot");
+        assert_eq!(
+            (
+                String::from_utf8_lossy(&out.stdout).as_ref(),
+                out.status.code
+            ),
+            ("done\n", Some(0))
+        );
+
+        let running = agent.clone();
+        let call = tokio::spawn(async move {
+            running
+                .exec(shell("sleep 60"), ExecOptions::default())
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        manager.rollback("busy", "before").await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a call into the replaced VM must not hang")
+            .unwrap();
+        assert!(outcome.is_err(), "{outcome:?}");
+        let agent = manager.agent("busy").await.unwrap();
+        assert_eq!(sh(&agent, "echo ok").await.0, "ok\n");
+
+        manager.restore("during", "copy").await.unwrap();
+        let copy = manager.agent("copy").await.unwrap();
+        assert_eq!(sh(&copy, "echo ok").await.0, "ok\n");
+        for name in ["busy", "copy"] {
+            manager.destroy(name).await.unwrap();
+        }
+        for id in ["before", "during"] {
+            manager.delete_snapshot(id).await.unwrap();
+        }
+        assert_all_gone(&env);
+    });
+}

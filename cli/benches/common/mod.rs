@@ -1,0 +1,48 @@
+//! Helpers shared by the benchmarks.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use arrakis_protocol::{Command, ExecRequest};
+
+pub fn argv_request(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        command: Command::Argv(argv.iter().map(|s| s.to_string()).collect()),
+        ..ExecRequest::default()
+    }
+}
+
+pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+pub fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// "min-max ms" of sorted times.
+pub fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "{:.0}-{:.0} ms",
+        ms(sorted[0]),
+        ms(sorted[sorted.len() - 1])
+    )
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
