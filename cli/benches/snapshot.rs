@@ -67,7 +67,7 @@ async fn bench(config: RuntimeConfig, scratch: &Path, runs: usize) -> anyhow::Re
                 exec_ok(
                     &manager,
                     &name,
-                    &format!("head -c {mib}M /dev/urandom > /dev/shm/fill"),
+                    &format!("mount -o remount,size=90% /dev/shm && head -c {mib}M /dev/urandom > /dev/shm/fill"),
                 )
                 .await?;
             }
@@ -84,7 +84,7 @@ async fn bench(config: RuntimeConfig, scratch: &Path, runs: usize) -> anyhow::Re
                 theirs.push(qemu_snapshot(&qmp_socket(pid)?, &file)?);
                 their_size = std::fs::metadata(&file)?.len();
                 if memory_mb == 256 && !touched {
-                    qemu_file = Some((file, pid));
+                    qemu_file = Some((file, keep_disk(qemu_args(pid)?, scratch)?));
                 } else {
                     std::fs::remove_file(&file)?;
                 }
@@ -105,13 +105,15 @@ async fn bench(config: RuntimeConfig, scratch: &Path, runs: usize) -> anyhow::Re
                 ms(median(&mut ours)) / ms(median(&mut theirs)),
             );
         }
+        // Idle TCG guests still cost CPU: only the measured VMs run below.
+        manager.destroy(&name).await?;
     }
     println!();
 
     // Restore to first output: snapshot "snap256-false-<last>" is idle.
     let idle = format!("snap256-false-{}", runs - 1);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let (file, pid) = qemu_file.ok_or_else(|| anyhow::anyhow!("no QEMU snapshot kept"))?;
+    let (file, args) = qemu_file.ok_or_else(|| anyhow::anyhow!("no QEMU snapshot kept"))?;
     for i in 0..runs {
         let name = format!("restored{i}");
         let start = Instant::now();
@@ -119,7 +121,11 @@ async fn bench(config: RuntimeConfig, scratch: &Path, runs: usize) -> anyhow::Re
         first_output(&manager, &name).await?;
         ours.push(start.elapsed());
         manager.destroy(&name).await?;
-        theirs.push(qemu_restore(pid, &file, &scratch.join(format!("raw{i}")))?);
+        theirs.push(qemu_restore(
+            &args,
+            &file,
+            &scratch.join(format!("raw{i}")),
+        )?);
     }
     println!("restore (ours: to first command output; QEMU: incoming migration until running)");
     print_pair("256 MiB idle", &mut ours, &mut theirs);
@@ -265,6 +271,19 @@ fn qemu_args(pid: u32) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// `args` with the `-drive` file replaced by a copy in `scratch`, so a raw
+/// restore can use it after the sandbox (and its top layer) is gone.
+fn keep_disk(mut args: Vec<String>, scratch: &Path) -> anyhow::Result<Vec<String>> {
+    let copy = scratch.join("disk.qcow2");
+    for arg in args.iter_mut().filter(|a| a.starts_with("id=root,file=")) {
+        let rest = &arg["id=root,file=".len()..];
+        let (path, options) = rest.split_once(',').unwrap_or((rest, ""));
+        std::fs::copy(path, &copy)?;
+        *arg = format!("id=root,file={},{options}", copy.display());
+    }
+    Ok(args)
+}
+
 /// A minimal synchronous QMP client.
 struct Qmp {
     reader: BufReader<UnixStream>,
@@ -353,12 +372,13 @@ fn qemu_snapshot(qmp: &Path, file: &Path) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// Raw QEMU restoring `file` (written by [`qemu_snapshot`] of QEMU `pid`):
-/// the same command line with anonymous RAM, its own sockets, the disk as a
-/// throwaway overlay, and `-incoming`; timed until the VM runs.
-fn qemu_restore(pid: u32, file: &Path, dir: &Path) -> anyhow::Result<Duration> {
+/// Raw QEMU restoring `file` (written by [`qemu_snapshot`] of the QEMU
+/// that ran with `args`): the same command line with anonymous RAM, its
+/// own sockets, the disk as a throwaway overlay, and `-incoming`; timed
+/// until the VM runs.
+fn qemu_restore(args: &[String], file: &Path, dir: &Path) -> anyhow::Result<Duration> {
     std::fs::create_dir_all(dir)?;
-    let mut args = qemu_args(pid)?;
+    let mut args = args.to_vec();
     let binary = args.remove(0);
     let qmp = dir.join("qmp.sock");
     let mut out = Vec::new();

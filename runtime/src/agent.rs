@@ -177,7 +177,8 @@ impl AgentClient {
     }
 
     /// Waits for a booting guest: connects with retries until the handshake
-    /// and a ping succeed, `timeout` passes, or `vm_alive` says the VM is gone.
+    /// (a round trip through the agent) succeeds, `timeout` passes, or
+    /// `vm_alive` says the VM is gone.
     pub async fn wait_ready(
         socket: &Path,
         timeout: Duration,
@@ -189,11 +190,7 @@ impl AgentClient {
             let per_attempt = timeout
                 .saturating_sub(start.elapsed())
                 .min(Duration::from_secs(3));
-            let attempt = async {
-                let agent = AgentClient::connect(socket, per_attempt).await?;
-                agent.ping().await?;
-                Ok::<_, AgentError>(agent)
-            };
+            let attempt = AgentClient::connect(socket, per_attempt);
             tokio::select! {
                 result = attempt => match result {
                     Ok(agent) => return Ok(agent),
