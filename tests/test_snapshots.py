@@ -163,3 +163,26 @@ def test_fork_rollback_and_explicit_restore(snapshots, mgr, names):
         assert r.status_code == 400 and "count" in error_message(r)
     finally:
         cleanup_snapshots(base_url, ["fork-base"])
+
+
+def test_warm_starts_and_cold_boots(snapshots, mgr, names):
+    """VMs of one image and size start from a golden snapshot of the first
+    one's boot (its kernel command line has the neutral hostname it booted
+    under), yet each has its own hostname; coldBoot boots anyway. Golden
+    snapshots are not listed."""
+    base_url = snapshots
+    warm, cold = names.unique("warm"), names.unique("cold")
+    vm = mgr.start_sandbox(warm)
+    out = vm.run_cmd("cat /proc/cmdline; hostname")["output"].splitlines()
+    assert "arrakis.hostname=sandbox " in out[0] + " " and out[1] == warm, out
+
+    r = http("POST", base_url + "/v1/vms", json={"vmName": cold, "coldBoot": True})
+    assert r.status_code == 200, r.text
+    out = http("POST", base_url + vm_path(cold) + "/exec", json={"shell": "cat /proc/cmdline; hostname"}).json()
+    cmdline, hostname = out["stdout"].splitlines()
+    assert f"arrakis.hostname={cold} " in cmdline + " " and hostname == cold, out
+
+    r = http("POST", base_url + "/v1/vms", json={"vmName": names.unique("x"), "snapshotId": "s", "coldBoot": True})
+    assert r.status_code == 422 and "coldBoot" in error_message(r), r.text
+    listed = http("GET", base_url + "/v1/snapshots").json()
+    assert not [s for s in listed["snapshots"] if s["snapshotId"].startswith("golden-")], listed

@@ -893,7 +893,11 @@ fn deleting_a_snapshot_keeps_its_clones_working() {
         let manager = env.manager().await;
         manager.create(SandboxSpec::named("src")).await.unwrap();
         let agent = manager.agent("src").await.unwrap();
-        sh(&agent, "echo from-src > /root/origin.txt").await;
+        sh(
+            &agent,
+            "echo from-src > /root/origin.txt; echo src-ram > /dev/shm/origin",
+        )
+        .await;
         drop(agent);
         manager.snapshot("src", Some("s".into())).await.unwrap();
         manager.destroy("src").await.unwrap();
@@ -906,6 +910,22 @@ fn deleting_a_snapshot_keeps_its_clones_working() {
         let agent = manager.agent("child").await.unwrap();
         assert_eq!(sh(&agent, "cat /root/origin.txt").await.0, "from-src\n");
         sh(&agent, "echo more > /root/child.txt").await;
+        // Its memory outlives the snapshot's files: a snapshot of the child
+        // still captures RAM from the deleted snapshot plus its own writes.
+        sh(&agent, "echo child-ram >> /dev/shm/origin").await;
+        manager
+            .snapshot("child", Some("grand".into()))
+            .await
+            .unwrap();
+        manager.restore("grand", "gc").await.unwrap();
+        let gc = manager.agent("gc").await.unwrap();
+        assert_eq!(
+            sh(&gc, "cat /dev/shm/origin /root/child.txt").await.0,
+            "src-ram\nchild-ram\nmore\n"
+        );
+        drop(gc);
+        manager.destroy("gc").await.unwrap();
+        manager.delete_snapshot("grand").await.unwrap();
         let (out, _, code) = sh(
             &agent,
             "dd if=/dev/urandom of=/root/big bs=1M count=8 2>&1 && sync && md5sum /root/big",
