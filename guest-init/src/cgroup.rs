@@ -21,6 +21,8 @@ pub const EXECS_CPU_WEIGHT: u32 = 10;
 /// Controllers enabled for exec cgroups (each one only when the kernel has it).
 const CONTROLLERS: [&str; 3] = ["+cpu", "+pids", "+memory"];
 const EXEC_PREFIX: &str = "exec-";
+/// How long a freeze may take to stop every exec process.
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Creates and tracks exec cgroups.
 #[derive(Debug, Default)]
@@ -120,6 +122,37 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Freezes (or thaws) the processes of every exec at once, through the
+    /// parent of their cgroups (new execs are created frozen meanwhile). A
+    /// freeze returns once the kernel reports them all stopped. Blocking.
+    pub fn set_frozen(&self, frozen: bool) -> io::Result<()> {
+        let base = self.base.as_ref().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "exec cgroups are disabled")
+        })?;
+        std::fs::write(base.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        if !frozen {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + FREEZE_WAIT;
+        loop {
+            let events = std::fs::read_to_string(base.join("cgroup.events"))?;
+            if events.lines().any(|line| line.trim() == "frozen 1") {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                // Half frozen helps nobody: thaw before reporting.
+                let _ = std::fs::write(base.join("cgroup.freeze"), "0");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the exec processes did not stop within {FREEZE_WAIT:?}"),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -200,6 +233,12 @@ impl Drop for ExecCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freezing_needs_cgroups() {
+        let error = Cgroups::disabled().set_frozen(true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
+    }
 
     #[test]
     fn disabled_creates_nothing() {

@@ -35,11 +35,57 @@ pub struct Agent {
     /// Whether this process is the guest's init: only then may requests
     /// change the clock, hostname, network or power state.
     is_init: bool,
+    /// Counts freezes and thaws: a freeze's lease thaws only if nothing
+    /// happened since.
+    freezes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Freezes and thaws apply one at a time, in the order they arrive.
+    freezing: tokio::sync::Mutex<()>,
 }
+
+/// Lease of a freeze that names none, and the longest one accepted.
+const DEFAULT_FREEZE_LEASE: Duration = Duration::from_secs(10);
+const MAX_FREEZE_LEASE: Duration = Duration::from_secs(120);
 
 impl Agent {
     pub fn new(exec: ExecContext, is_init: bool) -> Agent {
-        Agent { exec, is_init }
+        Agent {
+            exec,
+            is_init,
+            freezes: Default::default(),
+            freezing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Freezes or thaws the execs; a freeze thaws by itself when its lease
+    /// runs out (guest monotonic time, which a restored clone continues).
+    async fn freeze(&self, frozen: bool, lease_ms: u64) -> Result<(), ErrorBody> {
+        use std::sync::atomic::Ordering;
+        self.require_init("freeze")?;
+        let _turn = self.freezing.lock().await;
+        let generation = self.freezes.fetch_add(1, Ordering::SeqCst) + 1;
+        let cgroups = self.exec.cgroups.clone();
+        tokio::task::spawn_blocking(move || cgroups.set_frozen(frozen))
+            .await
+            .map_err(|e| internal(&e))?
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::Unsupported => ErrorBody::new(ErrorCode::Unsupported, e.to_string()),
+                _ => internal(&e),
+            })?;
+        if frozen {
+            let lease = match lease_ms {
+                0 => DEFAULT_FREEZE_LEASE,
+                ms => Duration::from_millis(ms).min(MAX_FREEZE_LEASE),
+            };
+            let (cgroups, freezes) = (self.exec.cgroups.clone(), self.freezes.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(lease).await;
+                if freezes.load(Ordering::SeqCst) == generation {
+                    tracing::warn!(?lease, "freeze lease ran out; thawing the execs");
+                    let _ = tokio::task::spawn_blocking(move || cgroups.set_frozen(false)).await;
+                }
+            });
+        }
+        Ok(())
     }
 }
 
@@ -82,6 +128,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Chmod(_) => "chmod",
         Request::SetTime(_) => "set_time",
         Request::Configure(_) => "configure",
+        Request::Freeze(_) => "freeze",
         Request::Shutdown(_) => "shutdown",
         Request::Connect(_) => "connect",
     }
@@ -153,6 +200,10 @@ impl Agent {
                 tokio::task::spawn_blocking(move || configure(&req))
                     .await
                     .map_err(|e| internal(&e))??;
+                Ok(Response::Done)
+            }
+            Request::Freeze(req) => {
+                self.freeze(req.frozen, req.lease_ms).await?;
                 Ok(Response::Done)
             }
             // Streamed or replied-before-acting requests are handled in `handle`.

@@ -44,6 +44,13 @@ pub enum Request {
     SetTime(SetTimeRequest),
     /// Apply identity and network settings. Reply: [`Response::Done`].
     Configure(ConfigureRequest),
+    /// Freeze or thaw every process the agent started (all execs and what
+    /// they spawned; the agent itself keeps running). A freeze returns once
+    /// they are stopped, and ends by itself after its lease unless thawed
+    /// first. Around a snapshot this keeps user code from running in a
+    /// clone before it has its own entropy, clock and name. Reply:
+    /// [`Response::Done`].
+    Freeze(FreezeRequest),
     /// Sync disks and power the guest off (or reboot). Reply: [`Response::Done`],
     /// sent before the guest goes down.
     Shutdown(ShutdownRequest),
@@ -158,6 +165,18 @@ pub struct ChmodRequest {
 pub struct SetTimeRequest {
     /// Nanoseconds since the Unix epoch.
     pub unix_nanos: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    /// True to freeze, false to thaw.
+    pub frozen: bool,
+    /// A freeze thaws by itself after this many milliseconds of guest
+    /// monotonic time (so a host that dies mid-snapshot cannot leave the
+    /// guest frozen). Ignored when thawing.
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

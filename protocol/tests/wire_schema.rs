@@ -143,6 +143,10 @@ fn requests() {
             r#"{"op":"configure","hostname":"h","network":{"interface":"eth0","address":"10.0.0.2/24","gateway":null,"nameservers":[]},"entropy":[1,2]}"#.to_string(),
         ),
         (
+            Request::Freeze(FreezeRequest { frozen: true, lease_ms: 10_000 }),
+            r#"{"op":"freeze","frozen":true,"lease_ms":10000}"#.to_string(),
+        ),
+        (
             Request::Shutdown(ShutdownRequest { reboot: false }),
             r#"{"op":"shutdown","reboot":false}"#.to_string(),
         ),

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use arrakis_protocol::{
     paths, Channel, ChmodRequest, Client, ClientOptions, ConfigureRequest, ErrorBody, ExecRequest,
-    ExitStatus, FileStat, GuestInfo, MkdirRequest, PathRequest, ProtocolError, ReadFileRequest,
-    RemoveRequest, Request, Response, SetTimeRequest, ShutdownRequest, Stream, StreamEvent,
-    StreamMessage, StreamReceiver, StreamSender, WriteFileRequest,
+    ExitStatus, FileStat, FreezeRequest, GuestInfo, MkdirRequest, PathRequest, ProtocolError,
+    ReadFileRequest, RemoveRequest, Request, Response, SetTimeRequest, ShutdownRequest, Stream,
+    StreamEvent, StreamMessage, StreamReceiver, StreamSender, WriteFileRequest,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -316,6 +316,16 @@ impl AgentClient {
     pub async fn configure(&self, request: ConfigureRequest) -> Result<(), AgentError> {
         self.expect_done("configure", &Request::Configure(request))
             .await
+    }
+
+    /// Freezes every process the agent started (returns once they are
+    /// stopped; they thaw by themselves after `lease`), or thaws them.
+    pub async fn freeze(&self, frozen: bool, lease: Duration) -> Result<(), AgentError> {
+        let request = Request::Freeze(FreezeRequest {
+            frozen,
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1),
+        });
+        self.expect_done("freeze", &request).await
     }
 
     /// Asks the guest to sync and power off. The session ending before the

@@ -1494,3 +1494,66 @@ fn calls_in_flight_across_snapshot_and_rollback() {
         assert_all_gone(&env);
     });
 }
+
+/// The counter's value, read by the agent itself (an exec would wait while
+/// the execs are frozen).
+async fn counter_value(agent: &AgentClient) -> u64 {
+    let mut out = Vec::new();
+    // Not there yet (the counter starts in the background): 0.
+    match agent.read_file("/root/counter", &mut out).await {
+        Ok(_) => String::from_utf8_lossy(&out).trim().parse().unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Whether the counter moves within 1.2 s, read without an exec.
+async fn counter_moves(agent: &AgentClient) -> bool {
+    let first = counter_value(agent).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    counter_value(agent).await > first
+}
+
+/// The agent freezes every exec process on request, until thawed or until
+/// the freeze's lease runs out; a snapshot freezes them while it is taken
+/// and thaws them after; a clone's processes run again once the clone has
+/// its own entropy, clock and name.
+#[test]
+fn execs_freeze_for_snapshots_and_clones_thaw_after_their_fix_ups() {
+    let env = TestEnv::new();
+    run(async {
+        let manager = env.manager().await;
+        manager.create(SandboxSpec::named("ice")).await.unwrap();
+        let agent = manager.agent("ice").await.unwrap();
+        let (_, err, code) = sh(&agent, START_COUNTER).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(counter_moves(&agent).await, "the counter does not run");
+
+        agent
+            .freeze(true, Duration::from_millis(2500))
+            .await
+            .unwrap();
+        assert!(!counter_moves(&agent).await, "frozen processes still run");
+        // The lease (2.5 s from the freeze) thaws them.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(counter_moves(&agent).await, "the lease did not thaw");
+        agent.freeze(true, Duration::from_secs(60)).await.unwrap();
+        agent.freeze(false, Duration::ZERO).await.unwrap();
+        assert!(counter_moves(&agent).await, "a thaw did not thaw");
+
+        manager
+            .snapshot("ice", Some("ice-snap".into()))
+            .await
+            .unwrap();
+        assert!(counter_moves(&agent).await, "frozen after the snapshot");
+        manager.restore("ice-snap", "ice-clone").await.unwrap();
+        let clone = manager.agent("ice-clone").await.unwrap();
+        assert!(counter_moves(&clone).await, "the clone stays frozen");
+        assert_eq!(sh(&clone, "hostname").await.0, "ice-clone\n");
+
+        for name in ["ice", "ice-clone"] {
+            manager.destroy(name).await.unwrap();
+        }
+        manager.delete_snapshot("ice-snap").await.unwrap();
+        assert_all_gone(&env);
+    });
+}

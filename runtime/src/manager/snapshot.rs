@@ -54,7 +54,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrakis_protocol::ConfigureRequest;
 use serde::Serialize;
@@ -74,6 +74,13 @@ use crate::spec;
 use crate::store::{NewLayer, SandboxRecord, SnapshotRecord, SnapshotState, StoreError};
 use crate::vmm::qemu::{self, create_overlay, Backing};
 use crate::vmm::{GuestMemory, StateFormat, VmHandle, VmStatus};
+
+/// How long the exec processes of a sandbox may stay frozen for a snapshot
+/// before the guest thaws them by itself (a host that died half-way).
+const FREEZE_LEASE: Duration = Duration::from_secs(30);
+
+/// How long a freeze request may take.
+const FREEZE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bytes of entropy mixed into a restored clone's pool.
 const CLONE_ENTROPY: usize = 64;
@@ -217,7 +224,10 @@ impl Manager {
             });
         }
         let mut progress = Progress::default();
-        let result = self.take_snapshot(record, vm, &snap, &mut progress).await;
+        let frozen = self.freeze_execs(record).await;
+        let result = self
+            .take_snapshot(record, vm, &snap, &mut progress, frozen)
+            .await;
         if let Err(error) = result {
             tracing::warn!(id = %snap.id, error = %error.chain(), ?progress, "snapshot failed; cleaning up");
             if progress.frozen && !progress.switched {
@@ -247,11 +257,12 @@ impl Manager {
         vm: &VmHandle,
         snap: &SnapshotRecord,
         progress: &mut Progress,
+        frozen: bool,
     ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         let dir = self.inner.layout.snapshot_dir(&snap.dir);
         create_private_dir(dir.path())?;
-        let frozen = self.freeze_and_save(record, vm, snap, progress).await;
+        let frozen_result = self.freeze_and_save(record, vm, snap, progress).await;
         let paused_for = started.elapsed();
         if progress.paused {
             self.inner
@@ -263,7 +274,10 @@ impl Manager {
                     source,
                 })?;
         }
-        frozen?;
+        if frozen {
+            self.thaw_execs(record).await;
+        }
+        frozen_result?;
         let layer = self.inner.layout.layer_file(&snap.layer);
         let files = [dir.memory_file(), dir.state_file(), layer];
         let dirs = [
@@ -345,6 +359,59 @@ impl Manager {
                 name: record.name.clone(),
                 reason: "its RAM file is gone",
             }),
+        }
+    }
+
+    /// Freezes a running sandbox's exec processes for a snapshot, so that a
+    /// clone runs no user code before its fix-ups (which thaw it): no
+    /// random bytes from the copied entropy pool, no stale clock or name.
+    /// False when no freeze was asked for or the agent cannot freeze (a
+    /// paused VM, an agent without the request): the snapshot goes on
+    /// without it. Any other outcome (even a failure or a timeout, after
+    /// which the guest may still freeze) is true: the caller thaws. The
+    /// freeze thaws by itself after [`FREEZE_LEASE`] should nobody thaw it.
+    async fn freeze_execs(&self, record: &SandboxRecord) -> bool {
+        if record.state != SandboxState::Running {
+            return false;
+        }
+        let agent = match self.agent_for(record).await {
+            Ok(agent) => agent,
+            Err(error) => {
+                tracing::info!(error = %error.chain(), "execs not frozen for the snapshot");
+                return false;
+            }
+        };
+        match tokio::time::timeout(FREEZE_CALL_TIMEOUT, agent.freeze(true, FREEZE_LEASE)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) if cannot_freeze(&error) => false,
+            Ok(Err(error)) => {
+                tracing::warn!(error = %crate::agent::error_chain(&error), "execs not frozen for the snapshot");
+                true
+            }
+            Err(_) => {
+                tracing::warn!("the guest did not freeze its execs in time; snapshotting anyway");
+                true
+            }
+        }
+    }
+
+    /// Thaws what [`Manager::freeze_execs`] froze (in the sandbox, or in a
+    /// clone of it after its fix-ups). Failures are logged: the lease thaws
+    /// the guest anyway.
+    async fn thaw_execs(&self, record: &SandboxRecord) {
+        let agent = match self.agent_for(record).await {
+            Ok(agent) => agent,
+            Err(error) => {
+                tracing::warn!(error = %error.chain(), "cannot thaw the execs");
+                return;
+            }
+        };
+        match agent.freeze(false, Duration::ZERO).await {
+            Ok(()) => {}
+            Err(error) if cannot_freeze(&error) => {}
+            Err(error) => {
+                tracing::warn!(error = %crate::agent::error_chain(&error), "cannot thaw the execs");
+            }
         }
     }
 
@@ -677,6 +744,8 @@ impl Manager {
         let answered = started.elapsed();
         self.fix_up_clone(record, &agent).await?;
         *self.agent_slot(&record.id).lock().await = Some(agent);
+        // Its processes were frozen at the snapshot: they run again only now.
+        self.thaw_execs(record).await;
         let running = self.check(record, Operation::Booted)?;
         self.inner
             .store
@@ -845,6 +914,19 @@ impl Manager {
             tracing::warn!(error = %crate::agent::error_chain(&error), "cannot resume the VM");
         }
     }
+}
+
+/// An agent from before freezing existed (clones of its snapshots were
+/// never frozen), or a guest without exec cgroups.
+fn cannot_freeze(error: &crate::agent::AgentError) -> bool {
+    matches!(
+        error,
+        crate::agent::AgentError::Remote { body, .. }
+            if matches!(
+                body.code,
+                arrakis_protocol::ErrorCode::Unsupported | arrakis_protocol::ErrorCode::InvalidArgument
+            )
+    )
 }
 
 /// True when `path` starts with the qcow2 magic (a complete image header
