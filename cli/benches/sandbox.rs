@@ -16,15 +16,11 @@ use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use arrakis_protocol::{Command, ExecRequest};
-use arrakis_runtime::{
-    AccelKind, ExecEvent, ExecOptions, Manager, RuntimeConfig, SandboxSpec, WriteOptions,
-};
+use arrakis_runtime::{AccelKind, ExecOptions, Manager, RuntimeConfig, SandboxSpec, WriteOptions};
 
 mod common;
 
-use common::{argv_request, median, memory_kib, ms, spread};
-
-const MARKER: &str = "ARRAKIS-BENCH-MARKER";
+use common::{argv_request, first_output, median, memory_kib, ms, spread, MARKER};
 
 fn main() -> anyhow::Result<()> {
     let runs: usize = std::env::var("ARRAKIS_BENCH_RUNS")
@@ -151,18 +147,8 @@ async fn bench(config: RuntimeConfig, runs: usize) -> anyhow::Result<()> {
 async fn cold_start(manager: &Manager, name: &str) -> anyhow::Result<Duration> {
     let start = Instant::now();
     manager.create(SandboxSpec::named(name)).await?;
-    let agent = manager.agent(name).await?;
-    let mut session = agent
-        .exec_stream(argv_request(&["/bin/echo", MARKER]))
-        .await?;
-    let elapsed = loop {
-        match session.next().await? {
-            ExecEvent::Stdout(_) => break start.elapsed(),
-            ExecEvent::Stderr(_) => {}
-            ExecEvent::Exited(status) => anyhow::bail!("echo exited without output: {status:?}"),
-        }
-    };
-    drop(session);
+    first_output(manager, name).await?;
+    let elapsed = start.elapsed();
     manager.destroy(name).await?;
     Ok(elapsed)
 }

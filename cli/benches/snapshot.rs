@@ -21,8 +21,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use arrakis_runtime::{ExecEvent, ExecOptions, ForkSource, Manager, RuntimeConfig, SandboxSpec};
-use common::{argv_request, median, memory_kib, ms, spread};
+use arrakis_runtime::{ExecOptions, ForkSource, Manager, RuntimeConfig, SandboxSpec};
+use common::{argv_request, first_output, median, memory_kib, ms, spread};
 
 fn main() -> anyhow::Result<()> {
     let runs: usize = std::env::var("ARRAKIS_BENCH_RUNS")
@@ -239,21 +239,6 @@ async fn exec_ok(manager: &Manager, name: &str, script: &str) -> anyhow::Result<
         .await?;
     anyhow::ensure!(out.status.code == Some(0), "{script}: {out:?}");
     Ok(())
-}
-
-/// Time until the first byte of `echo`'s output in sandbox `name`.
-async fn first_output(manager: &Manager, name: &str) -> anyhow::Result<()> {
-    let agent = manager.agent(name).await?;
-    let mut session = agent
-        .exec_stream(argv_request(&["/bin/echo", "hi"]))
-        .await?;
-    loop {
-        match session.next().await? {
-            ExecEvent::Stdout(_) => return Ok(()),
-            ExecEvent::Stderr(_) => {}
-            ExecEvent::Exited(status) => anyhow::bail!("echo exited without output: {status:?}"),
-        }
-    }
 }
 
 /// The QMP socket on QEMU `pid`'s command line.

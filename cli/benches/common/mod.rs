@@ -4,11 +4,31 @@
 use std::time::Duration;
 
 use arrakis_protocol::{Command, ExecRequest};
+use arrakis_runtime::{ExecEvent, Manager};
+
+/// What the benchmarks' guests print to show they are up.
+pub const MARKER: &str = "ARRAKIS-BENCH-MARKER";
 
 pub fn argv_request(argv: &[&str]) -> ExecRequest {
     ExecRequest {
         command: Command::Argv(argv.iter().map(|s| s.to_string()).collect()),
         ..ExecRequest::default()
+    }
+}
+
+/// Runs `echo` in sandbox `name` and returns at the first byte of its
+/// output.
+pub async fn first_output(manager: &Manager, name: &str) -> anyhow::Result<()> {
+    let agent = manager.agent(name).await?;
+    let mut session = agent
+        .exec_stream(argv_request(&["/bin/echo", MARKER]))
+        .await?;
+    loop {
+        match session.next().await? {
+            ExecEvent::Stdout(_) => return Ok(()),
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exited(status) => anyhow::bail!("echo exited without output: {status:?}"),
+        }
     }
 }
 

@@ -28,11 +28,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::lifecycle::require_file;
 use super::{Manager, SandboxInfo, SnapshotInfo};
 use crate::error::RuntimeError;
-use crate::store::{SandboxRecord, SnapshotState, Store};
-use crate::vmm::VmHandle;
+use crate::store::{SandboxRecord, Store};
 
 /// Changes whenever what a golden snapshot holds changes meaning.
 const KEY_VERSION: &str = "arrakis-golden-2";
@@ -115,23 +113,15 @@ fn resolve_binary(binary: &Path) -> Option<PathBuf> {
 
 impl Manager {
     pub(super) fn golden_snapshots_inner(&self) -> Result<Vec<SnapshotInfo>, RuntimeError> {
-        Ok(self
-            .inner
-            .store
-            .list_snapshots()?
-            .iter()
-            .filter(|s| s.state == SnapshotState::Ready && s.golden_key.is_some())
-            .map(|s| self.snapshot_info(s))
-            .collect())
+        let snaps = self.ready_snapshots(true)?;
+        Ok(snaps.iter().map(|s| self.snapshot_info(s)).collect())
     }
 
     pub(super) async fn clear_golden_snapshots_inner(&self) -> Result<usize, RuntimeError> {
-        let mut deleted = 0;
-        for snap in self.inner.store.list_snapshots()? {
-            if snap.state == SnapshotState::Ready && snap.golden_key.is_some() {
-                self.delete_snapshot_record(snap).await?;
-                deleted += 1;
-            }
+        let snaps = self.ready_snapshots(true)?;
+        let deleted = snaps.len();
+        for snap in snaps {
+            self.delete_snapshot_record(snap).await?;
         }
         Ok(deleted)
     }
@@ -203,9 +193,6 @@ impl Manager {
         let Some(golden) = self.inner.store.golden_snapshot(key)? else {
             return Ok(None);
         };
-        let config = &self.inner.config;
-        require_file("guest kernel", &config.kernel)?;
-        require_file("guest initramfs", &config.initramfs)?;
         let (snap_lock, golden) = match self.lock_snapshot(golden).await {
             Ok(opened) => opened,
             Err(error) => {
@@ -241,13 +228,8 @@ impl Manager {
     /// image and shape made under other keys. The caller holds the
     /// sandbox's lock. Failures are logged: the sandbox runs either way.
     pub(super) async fn keep_golden(&self, record: &SandboxRecord, key: &str) {
-        let Some(pid) = record.pid else { return };
-        let Some(layer) = record.disk_layer.clone() else {
+        let (Some(vm), Some(layer)) = (self.handle(record), record.disk_layer.clone()) else {
             return;
-        };
-        let vm = VmHandle {
-            pid,
-            dir: self.inner.layout.sandbox_dir(&record.id),
         };
         let id = format!("golden-{}", &key[..16.min(key.len())]);
         let started = std::time::Instant::now();
@@ -265,18 +247,12 @@ impl Manager {
                 return;
             }
         }
-        let stale = match self.inner.store.list_snapshots() {
-            Ok(all) => all
-                .into_iter()
-                .filter(|s| {
-                    s.state == SnapshotState::Ready
-                        && s.golden_key.as_deref().is_some_and(|k| k != key)
-                        && (s.image_path.as_path(), s.vcpus, s.memory_mb)
-                            == (record.image_path.as_path(), record.vcpus, record.memory_mb)
-                })
-                .collect::<Vec<_>>(),
-            Err(_) => Vec::new(),
-        };
+        let mut stale = self.ready_snapshots(true).unwrap_or_default();
+        stale.retain(|s| {
+            s.golden_key.as_deref() != Some(key)
+                && (s.image_path.as_path(), s.vcpus, s.memory_mb)
+                    == (record.image_path.as_path(), record.vcpus, record.memory_mb)
+        });
         for snap in stale {
             let id = snap.id.clone();
             match self.delete_snapshot_record(snap).await {

@@ -2,7 +2,6 @@
 //! (validate -> reserve -> provision disk -> boot), start, stop,
 //! pause/resume, destroy (teardown).
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -228,16 +227,7 @@ impl Manager {
         hostname: String,
     ) -> Result<(), RuntimeError> {
         let running = self.check(record, Operation::Booted)?;
-        // An empty RAM file: QEMU sizes it, and the guest starts from zeros.
-        self.prepare_ram(&record.id, |ram| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(ram)
-                .map(drop)
-        })?;
+        self.prepare_ram(&record.id)?;
         let mut vm_spec = self.vm_spec(record);
         vm_spec.hostname = hostname;
         let vm = self

@@ -24,6 +24,7 @@ mod reconcile;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -398,20 +399,24 @@ impl Manager {
         let _ = std::fs::remove_dir(self.inner.layout.ram_dir());
     }
 
-    /// Makes the RAM directory and runs `fill` to create the RAM file of
-    /// sandbox `id` in it. Another manager may remove the directory when it
-    /// is empty ([`Manager::release_ram`]) between the two steps; the file
-    /// then cannot be created (`NotFound`) and both are tried again. Once
-    /// the file exists the directory is not empty and stays.
-    fn prepare_ram<F>(&self, id: &str, fill: F) -> Result<(), RuntimeError>
-    where
-        F: Fn(&Path) -> std::io::Result<()>,
-    {
+    /// Makes the RAM directory and an empty RAM file of sandbox `id` in it
+    /// (QEMU sizes it, and the guest starts from zeros). Another manager may
+    /// remove the directory when it is empty ([`Manager::release_ram`])
+    /// between the two steps; the file then cannot be created (`NotFound`)
+    /// and both are tried again. Once the file exists the directory is not
+    /// empty and stays.
+    fn prepare_ram(&self, id: &str) -> Result<(), RuntimeError> {
         let ram = self.inner.layout.ram_file(id);
         let mut attempts = 0;
         loop {
             create_private_dir(self.inner.layout.ram_dir())?;
-            match fill(&ram) {
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&ram);
+            match created.map(drop) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {
                     attempts += 1;

@@ -17,12 +17,14 @@
 //! Steps, under the sandbox's lock and the new snapshot's exclusive lock:
 //!
 //! 1. record the snapshot as `creating`, reserving the new top layer;
-//! 2. stop the vCPUs (if running), freeze the disk, record the sandbox's
-//!    new top layer at once (from here on QEMU writes to it, whatever
-//!    happens next);
+//! 2. freeze the guest's exec processes through the agent (if running,
+//!    see [`Manager::freeze_execs`]), stop the vCPUs, freeze the disk,
+//!    record the sandbox's new top layer at once (from here on QEMU writes
+//!    to it, whatever happens next);
 //! 3. save the device state to `state.bin`, capture the RAM to
 //!    `memory.ram`;
-//! 4. `cont` if the VM was running (a paused one stays paused);
+//! 4. `cont` if the VM was running (a paused one stays paused), and thaw
+//!    the execs (a clone thaws its own after its fix-ups);
 //! 5. `fsync` the snapshot's files and the frozen layer (snapshots survive
 //!    host reboots), then record the snapshot `ready`.
 //!
@@ -166,13 +168,6 @@ impl Manager {
                 reason: "its disk predates snapshot support; stop and start it once",
             });
         };
-        if self.running_memory(&record.id).is_none() {
-            return Err(RuntimeError::NotSnapshottable {
-                name: name.to_string(),
-                reason: "its VM was booted without file-backed memory (by an older arrakis); \
-                         stop and start it once",
-            });
-        }
         self.snapshot_locked(&record, &vm, layer, id, None).await
     }
 
@@ -187,6 +182,13 @@ impl Manager {
         id: String,
         golden_key: Option<String>,
     ) -> Result<SnapshotInfo, RuntimeError> {
+        let memory =
+            self.running_memory(&record.id)
+                .ok_or_else(|| RuntimeError::NotSnapshottable {
+                    name: record.name.clone(),
+                    reason: "its VM was booted without file-backed memory (by an older arrakis); \
+                         stop and start it once",
+                })?;
         let env = if golden_key.is_some() {
             BTreeMap::new()
         } else {
@@ -226,7 +228,7 @@ impl Manager {
         let mut progress = Progress::default();
         let frozen = self.freeze_execs(record).await;
         let result = self
-            .take_snapshot(record, vm, &snap, &mut progress, frozen)
+            .take_snapshot(record, vm, &memory, &snap, &mut progress, frozen)
             .await;
         if let Err(error) = result {
             tracing::warn!(id = %snap.id, error = %error.chain(), ?progress, "snapshot failed; cleaning up");
@@ -255,6 +257,7 @@ impl Manager {
         &self,
         record: &SandboxRecord,
         vm: &VmHandle,
+        memory: &GuestMemory,
         snap: &SnapshotRecord,
         progress: &mut Progress,
         frozen: bool,
@@ -262,7 +265,9 @@ impl Manager {
         let started = Instant::now();
         let dir = self.inner.layout.snapshot_dir(&snap.dir);
         create_private_dir(dir.path())?;
-        let frozen_result = self.freeze_and_save(record, vm, snap, progress).await;
+        let frozen_result = self
+            .freeze_and_save(record, vm, memory, snap, progress)
+            .await;
         let paused_for = started.elapsed();
         if progress.paused {
             self.inner
@@ -312,6 +317,7 @@ impl Manager {
         &self,
         record: &SandboxRecord,
         vm: &VmHandle,
+        memory: &GuestMemory,
         snap: &SnapshotRecord,
         progress: &mut Progress,
     ) -> Result<(), RuntimeError> {
@@ -335,30 +341,26 @@ impl Manager {
         vmm.save_state(vm, &dir.state_file())
             .await
             .map_err(vmm_err)?;
-        let memory = dir.memory_file();
+        let out = dir.memory_file();
         let pid = vm.pid;
         let size = u64::from(record.memory_mb) << 20;
-        match self.running_memory(&record.id) {
-            Some(GuestMemory::Shared(ram)) => {
+        match memory.clone() {
+            GuestMemory::Shared(ram) => {
                 blocking("copy the guest memory", move || {
-                    memfile::sparse_copy(&ram, &memory, false)
+                    memfile::sparse_copy(&ram, &out, false)
                         .map(drop)
                         .map_err(|e| (ram, e))
                 })
                 .await
             }
-            Some(GuestMemory::Private(base)) => {
+            GuestMemory::Private(base) => {
                 blocking("capture the guest memory", move || {
-                    memfile::capture_private(pid, &base, size, &memory)
+                    memfile::capture_private(pid, &base, size, &out)
                         .map(drop)
                         .map_err(|e| (base, e))
                 })
                 .await
             }
-            None => Err(RuntimeError::NotSnapshottable {
-                name: record.name.clone(),
-                reason: "its RAM file is gone",
-            }),
         }
     }
 
@@ -480,15 +482,19 @@ impl Manager {
             .ok_or_else(|| RuntimeError::SnapshotNotFound { id: id.to_string() })
     }
 
+    /// The ready snapshots users see, or (`golden`) the golden ones.
+    pub(super) fn ready_snapshots(
+        &self,
+        golden: bool,
+    ) -> Result<Vec<SnapshotRecord>, RuntimeError> {
+        let mut all = self.inner.store.list_snapshots()?;
+        all.retain(|s| s.state == SnapshotState::Ready && s.golden_key.is_some() == golden);
+        Ok(all)
+    }
+
     pub(super) fn list_snapshots_inner(&self) -> Result<Vec<SnapshotInfo>, RuntimeError> {
-        Ok(self
-            .inner
-            .store
-            .list_snapshots()?
-            .iter()
-            .filter(|s| s.state == SnapshotState::Ready && s.golden_key.is_none())
-            .map(|s| self.snapshot_info(s))
-            .collect())
+        let snaps = self.ready_snapshots(false)?;
+        Ok(snaps.iter().map(|s| self.snapshot_info(s)).collect())
     }
 
     pub(super) fn get_snapshot_inner(&self, id: &str) -> Result<SnapshotInfo, RuntimeError> {

@@ -172,32 +172,33 @@ impl Fixture {
         StateLayout::new(&self.config.state_dir)
     }
 
+    /// A record of a default-sized sandbox, without a disk layer.
+    fn record(&self, name: &str, id: &str, state: SandboxState, pid: Option<u32>) -> SandboxRecord {
+        SandboxRecord {
+            name: name.into(),
+            id: id.into(),
+            vcpus: 1,
+            memory_mb: 256,
+            image: "default".into(),
+            image_path: self.dir.path().join("images/debian/rootfs.ext4"),
+            state,
+            pid,
+            accel: AccelKind::Tcg,
+            created_at: 1,
+            boot_count: 1,
+            env: BTreeMap::new(),
+            disk_layer: None,
+            from_snapshot: None,
+        }
+    }
+
     /// Records a sandbox directly in the store, with its directory.
     fn seed(&self, name: &str, id: &str, state: SandboxState, pid: Option<u32>) {
         let layout = self.layout();
         std::fs::create_dir_all(layout.sandbox_dir(id).path()).unwrap();
         let store = Store::open(&layout.database()).unwrap();
         store
-            .insert(
-                &SandboxRecord {
-                    name: name.into(),
-                    id: id.into(),
-                    vcpus: 1,
-                    memory_mb: 256,
-                    image: "default".into(),
-                    image_path: self.dir.path().join("images/debian/rootfs.ext4"),
-                    state,
-                    pid,
-                    accel: AccelKind::Tcg,
-                    created_at: 1,
-                    boot_count: 1,
-                    env: BTreeMap::new(),
-                    disk_layer: None,
-                    from_snapshot: None,
-                },
-                None,
-                0,
-            )
+            .insert(&self.record(name, id, state, pid), None, 0)
             .unwrap();
     }
 
@@ -226,25 +227,15 @@ impl Fixture {
             std::fs::create_dir_all(self.ram_dir()).unwrap();
             std::fs::write(self.ram_file(id), b"guest memory").unwrap();
         }
+        let record = SandboxRecord {
+            env: [("K".to_string(), "v".to_string())].into(),
+            disk_layer: Some(layer.into()),
+            ..self.record(name, id, state, pid)
+        };
         let store = Store::open(&layout.database()).unwrap();
         store
             .insert(
-                &SandboxRecord {
-                    name: name.into(),
-                    id: id.into(),
-                    vcpus: 1,
-                    memory_mb: 256,
-                    image: "default".into(),
-                    image_path: self.dir.path().join("images/debian/rootfs.ext4"),
-                    state,
-                    pid,
-                    accel: AccelKind::Tcg,
-                    created_at: 1,
-                    boot_count: 1,
-                    env: [("K".to_string(), "v".to_string())].into(),
-                    disk_layer: Some(layer.into()),
-                    from_snapshot: None,
-                },
+                &record,
                 Some(&NewLayer {
                     id: layer.into(),
                     parent: None,
@@ -268,16 +259,7 @@ impl Fixture {
 
     /// File names in a directory, sorted.
     fn files_in(&self, dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        crate::testing::VmTestEnv::entries(dir)
     }
 
     async fn open(&self, vmm: Arc<FakeVmm>) -> Manager {
