@@ -261,6 +261,8 @@ fn identity_and_network(config: &BootConfig) {
             address,
             gateway: config.gateway,
             nameservers: config.dns.clone(),
+            // QEMU gave the NIC its address.
+            mac: None,
         };
         if let Err(e) = net::apply(&settings) {
             tracing::warn!(error = %error_chain(&e), "eth0 not configured");

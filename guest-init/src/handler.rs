@@ -488,9 +488,10 @@ fn system_error(error: &SystemError) -> ErrorBody {
 
 fn net_error(error: &NetError) -> ErrorBody {
     let code = match error {
-        NetError::BadCidr { .. } | NetError::BadAddr { .. } | NetError::BadInterface { .. } => {
-            ErrorCode::InvalidArgument
-        }
+        NetError::BadCidr { .. }
+        | NetError::BadAddr { .. }
+        | NetError::BadMac { .. }
+        | NetError::BadInterface { .. } => ErrorCode::InvalidArgument,
         NetError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::ENODEV) => {
             ErrorCode::NotFound
         }

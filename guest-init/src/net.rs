@@ -19,6 +19,8 @@ pub enum NetError {
     BadCidr { value: String },
     #[error("invalid {field} {value:?}: expected an IPv4 address")]
     BadAddr { field: &'static str, value: String },
+    #[error("invalid MAC address {value:?}: expected a unicast aa:bb:cc:dd:ee:ff")]
+    BadMac { value: String },
     #[error("invalid interface name {name:?}: 1 to 15 bytes, no '/', NUL or whitespace")]
     BadInterface { name: String },
     #[error("{op} on interface {interface} failed")]
@@ -76,6 +78,8 @@ pub struct NetSettings {
     pub address: Ipv4Cidr,
     pub gateway: Option<Ipv4Addr>,
     pub nameservers: Vec<Ipv4Addr>,
+    /// A new hardware address for the interface.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl NetSettings {
@@ -93,11 +97,13 @@ impl NetSettings {
             .iter()
             .map(|ns| parse_addr("nameserver", ns))
             .collect::<Result<Vec<_>, _>>()?;
+        let mac = config.mac.as_deref().map(parse_mac).transpose()?;
         Ok(NetSettings {
             interface: config.interface.clone(),
             address,
             gateway,
             nameservers,
+            mac,
         })
     }
 }
@@ -107,6 +113,28 @@ fn parse_addr(field: &'static str, value: &str) -> Result<Ipv4Addr, NetError> {
         field,
         value: value.to_owned(),
     })
+}
+
+/// `aa:bb:cc:dd:ee:ff`, unicast (the low bit of the first byte clear).
+fn parse_mac(value: &str) -> Result<[u8; 6], NetError> {
+    let bad = || NetError::BadMac {
+        value: value.to_owned(),
+    };
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 fn validate_interface(name: &str) -> Result<(), NetError> {
@@ -137,6 +165,9 @@ pub fn apply(settings: &NetSettings) -> Result<(), NetError> {
     validate_interface(&settings.interface)?;
     let sock = config_socket()?;
     let name = settings.interface.as_str();
+    if let Some(mac) = settings.mac {
+        set_mac(&sock, name, mac)?;
+    }
     set_addr(
         &sock,
         name,
@@ -245,6 +276,26 @@ fn set_addr(
     let mut req = ifreq_for(name);
     req.ifr_ifru.ifru_addr = sockaddr(addr);
     ioctl(sock, request, op, name, std::ptr::addr_of_mut!(req).cast())
+}
+
+/// Sets the hardware address; virtio-net takes it while the link is up
+/// and tells the device (so its receive filter follows).
+fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> Result<(), NetError> {
+    let mut req = ifreq_for(name);
+    // SAFETY: sockaddr is a plain C struct for which all-zero bytes are valid.
+    let mut hw: libc::sockaddr = unsafe { std::mem::zeroed() };
+    hw.sa_family = libc::ARPHRD_ETHER;
+    for (dst, src) in hw.sa_data.iter_mut().zip(mac) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = hw;
+    ioctl(
+        sock,
+        libc::SIOCSIFHWADDR,
+        "SIOCSIFHWADDR",
+        name,
+        std::ptr::addr_of_mut!(req).cast(),
+    )
 }
 
 fn set_up(sock: &OwnedFd, name: &str) -> Result<(), NetError> {
@@ -363,10 +414,23 @@ mod tests {
             address: "10.1.2.3/16".into(),
             gateway: Some("10.1.0.1".into()),
             nameservers: vec!["1.1.1.1".into()],
+            mac: Some("02:a5:0a:01:02:03".into()),
         };
         let settings = NetSettings::from_request(&config).unwrap();
         assert_eq!(settings.gateway, Some(Ipv4Addr::new(10, 1, 0, 1)));
         assert_eq!(settings.nameservers, vec![Ipv4Addr::new(1, 1, 1, 1)]);
+        assert_eq!(settings.mac, Some([2, 0xa5, 10, 1, 2, 3]));
+        for bad in [
+            "03:a5:0a:01:02:03",
+            "02:a5:0a:01:02",
+            "02-a5-0a-01-02-03",
+            "zz:a5:0a:01:02:03",
+        ] {
+            config.mac = Some(bad.into());
+            let err = NetSettings::from_request(&config).unwrap_err();
+            assert!(matches!(err, NetError::BadMac { .. }), "{bad}: {err}");
+        }
+        config.mac = None;
 
         config.gateway = Some("gw".into());
         let err = NetSettings::from_request(&config).unwrap_err();

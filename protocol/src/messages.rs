@@ -202,6 +202,10 @@ pub struct NetworkConfig {
     pub gateway: Option<String>,
     #[serde(default)]
     pub nameservers: Vec<String>,
+    /// New hardware address (`02:a5:0a:14:00:03`), set before the address:
+    /// a clone's NIC still has its parent's.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

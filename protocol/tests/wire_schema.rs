@@ -137,10 +137,11 @@ fn requests() {
                     address: "10.0.0.2/24".into(),
                     gateway: None,
                     nameservers: vec![],
+                    mac: Some("02:a5:0a:00:00:02".into()),
                 }),
                 entropy: Some(vec![1, 2]),
             }),
-            r#"{"op":"configure","hostname":"h","network":{"interface":"eth0","address":"10.0.0.2/24","gateway":null,"nameservers":[]},"entropy":[1,2]}"#.to_string(),
+            r#"{"op":"configure","hostname":"h","network":{"interface":"eth0","address":"10.0.0.2/24","gateway":null,"nameservers":[],"mac":"02:a5:0a:00:00:02"},"entropy":[1,2]}"#.to_string(),
         ),
         (
             Request::Freeze(FreezeRequest { frozen: true, lease_ms: 10_000 }),
