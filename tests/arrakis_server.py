@@ -215,11 +215,13 @@ def start(
     config: str | None = None,
     env: dict | None = None,
     tmp: Path | None = None,
+    prefix: list[str] | None = None,
 ) -> Server:
     """Starts `arrakis serve` on a free loopback port and waits until
     `/v1/health` answers. Its directory is `tmp` (to restart a server on the
     same state) or a new temporary one. `config` (TOML) is passed with
-    `--config`."""
+    `--config`. `prefix` goes before the command (e.g. `setpriv` to run it
+    as another user)."""
     if tmp is None:
         # Under /tmp: QEMU's unix sockets live in the state dir and their
         # paths must stay short.
@@ -227,18 +229,25 @@ def start(
         tmp = Path(tempfile.mkdtemp(prefix=f"arpy-{name[:8]}-", dir=base))
     log_path = tmp / f"server-{len(list(tmp.glob('server*.log')))}.log"
     args = [binary(), "--state-dir", str(tmp / "state"), "serve", "--listen", "127.0.0.1:0"]
-    if config is not None:
-        config_path = tmp / "config.toml"
-        config_path.write_text(config)
-        args += ["--config", str(config_path)]
+    # Guests in tests reach nothing but their forwards, unless a test says
+    # otherwise in its own [runtime.network].
+    config = config or ""
+    if "[runtime.network]" not in config:
+        config += '\n[runtime.network]\negress = "deny"\n'
+    config_path = tmp / "config.toml"
+    config_path.write_text(config)
+    args += ["--config", str(config_path)]
     full_env = dict(os.environ)
+    # User-mode networking: the suite runs as root, and a bridge, taps and
+    # nftables rules must never be made in the host's own namespace.
+    full_env.setdefault("ARRAKIS_NETWORK_MODE", "user")
     full_env.setdefault("ARRAKIS_LOG", "info")
     full_env["NO_COLOR"] = "1"
     full_env.pop("ARRAKIS_LOG_FILE", None)
     full_env.update(env or {})
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            args,
+            (prefix or []) + args,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -108,9 +108,7 @@ impl ServerConfig {
             None => base,
             Some(overrides) => {
                 let mut table = toml::Table::try_from(&base).map_err(|e| e.to_string())?;
-                for (key, value) in overrides {
-                    table.insert(key, value);
-                }
+                merge(&mut table, overrides);
                 toml::Value::Table(table)
                     .try_into()
                     .map_err(|e: toml::de::Error| format!("[runtime]: {}", e.message()))?
@@ -120,6 +118,20 @@ impl ServerConfig {
             server: file.server,
             runtime,
         })
+    }
+}
+
+/// Lays `overrides` over `base`: tables merge key by key (so
+/// `[runtime.network] egress = "deny"` keeps the other network settings),
+/// anything else replaces.
+fn merge(base: &mut toml::Table, overrides: toml::Table) {
+    for (key, value) in overrides {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(over)) => merge(inner, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -187,6 +199,20 @@ mod tests {
         assert_eq!(config.runtime.state_dir, PathBuf::from("/srv/state"));
         assert_eq!(config.runtime.default_memory_mb, 512);
         assert_eq!(config.runtime.kernel, base().kernel);
+        let mut user_mode = base();
+        user_mode.network.mode = arrakis_runtime::network::NetModeConfig::User;
+        let config = ServerConfig::parse(
+            "[runtime.network]\negress = [\"10.0.0.0/8\"]\nforwards = []\n",
+            user_mode.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.runtime.network.mode,
+            arrakis_runtime::network::NetModeConfig::User,
+            "a nested table merges into the base"
+        );
+        assert!(config.runtime.network.forwards.is_empty());
+        assert_eq!(config.runtime.network.egress.to_string(), "[10.0.0.0/8]");
         let empty = ServerConfig::parse("", base()).unwrap();
         assert_eq!(empty.server, ServerSection::default());
         assert_eq!(empty.runtime, base());

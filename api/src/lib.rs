@@ -12,7 +12,6 @@ mod archive;
 pub mod config;
 pub mod error;
 mod extract;
-pub mod forward;
 pub mod metrics;
 pub mod openapi;
 mod routes;
@@ -57,7 +56,6 @@ pub(crate) struct AppState {
     openapi: Bytes,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
-    forwards: forward::Forwards,
 }
 
 /// Serves the API on `listener` until `shutdown` resolves; requests in
@@ -85,7 +83,6 @@ pub fn router(manager: Manager, options: ServeOptions) -> Router {
         openapi,
         metrics: Arc::new(Metrics::default()),
         token: options.token.map(Arc::from),
-        forwards: forward::Forwards::new(),
     };
     let (v1, _) = OpenApiRouter::new()
         .nest("/v1", routes::all())
@@ -313,6 +310,7 @@ mod tests {
             "/v1/vms",
             "/v1/vms/{name}",
             "/v1/vms/{name}/cmd",
+            "/v1/vms/{name}/egress",
             "/v1/vms/{name}/exec",
             "/v1/vms/{name}/exec/ws",
             "/v1/vms/{name}/files",
@@ -323,6 +321,7 @@ mod tests {
             "/v1/vms/{name}/fs/list",
             "/v1/vms/{name}/fs/mkdir",
             "/v1/vms/{name}/fs/stat",
+            "/v1/vms/{name}/portForwards",
             "/v1/vms/{name}/rollback",
             "/v1/vms/{name}/snapshots",
         ];

@@ -134,14 +134,21 @@ fn py_arrakis_flow_over_http() {
         for (key, value) in [
             ("vmName", json!(NAME)),
             ("status", json!("RUNNING")),
-            ("ip", json!("")),
             ("tapDeviceName", json!("")),
-            ("portForwards", json!([])),
+            ("networkMode", json!("user")),
             ("memoryMb", json!(384)),
             ("image", json!("default")),
         ] {
             assert_eq!(vm[key], value, "{key} in {vm}");
         }
+        let ip = vm["ip"].as_str().unwrap();
+        assert!(ip.starts_with("10.20.") && ip.ends_with("/16"), "{vm}");
+        // The configured default forwards, in the original's shape.
+        let defaults = vm["portForwards"].as_array().unwrap();
+        assert_eq!(defaults.len(), 6, "{vm}");
+        assert_eq!(defaults[0]["guestPort"], "5901");
+        assert_eq!(defaults[0]["description"], "gui");
+        assert_eq!(defaults[1]["description"], "code (range 5736-5740)");
         let vm_path = format!("/v1/vms/{PATH_NAME}");
         assert_eq!(api.ok(Method::GET, &vm_path, None).await, vm);
         assert_eq!(
@@ -536,7 +543,9 @@ async fn beyond_the_original(api: &Api, vm: &str) {
 }
 
 /// A VM created with a port forward: the host's loopback port reaches a
-/// server in the guest; destroying the VM frees the port.
+/// server in the guest; forwards are added and removed at runtime; user
+/// mode refuses to change the egress policy; destroying the VM frees the
+/// ports.
 async fn port_forwards(api: &Api) {
     let vm = api
         .ok(
@@ -546,10 +555,10 @@ async fn port_forwards(api: &Api) {
         )
         .await;
     let forwards = vm["portForwards"].as_array().unwrap().clone();
-    assert_eq!(forwards.len(), 1, "{vm}");
-    assert_eq!(forwards[0]["guestPort"], "8000");
-    assert_eq!(forwards[0]["description"], "web");
-    let host_port: u16 = forwards[0]["hostPort"].as_str().unwrap().parse().unwrap();
+    assert_eq!(forwards.len(), 7, "the 6 defaults and ours: {vm}");
+    let web = forwards.iter().find(|f| f["guestPort"] == "8000").unwrap();
+    assert_eq!(web["description"], "web");
+    let host_port: u16 = web["hostPort"].as_str().unwrap().parse().unwrap();
     assert_ne!(host_port, 0);
     assert_eq!(
         api.ok(Method::GET, "/v1/vms/fwd", None).await["portForwards"],
@@ -560,23 +569,63 @@ async fn port_forwards(api: &Api) {
         "/v1/vms/fwd/exec",
         Some(
             json!({"shell": "mkdir -p /srv && echo served-from-guest > /srv/index.html && \
-            (cd /srv && setsid python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &)"}),
+            (cd /srv && setsid python3 -m http.server 8000 >/dev/null 2>&1 &)"}),
         ),
     )
     .await;
-    let url = format!("http://127.0.0.1:{host_port}/index.html");
-    let mut body = String::new();
+    assert_eq!(fetch(host_port).await, "served-from-guest\n");
+    let vm = api
+        .ok(
+            Method::POST,
+            "/v1/vms/fwd/portForwards",
+            Some(json!({"portForwards": [{"guestPort": 8000, "description": "again"}]})),
+        )
+        .await;
+    let again = vm["portForwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["description"] == "again")
+        .unwrap()["hostPort"]
+        .as_str()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    assert_eq!(fetch(again).await, "served-from-guest\n");
+    let vm = api
+        .ok(
+            Method::DELETE,
+            &format!("/v1/vms/fwd/portForwards?hostPort={again}"),
+            None,
+        )
+        .await;
+    assert_eq!(vm["portForwards"].as_array().unwrap().len(), 7);
+    std::net::TcpListener::bind(("0.0.0.0", again)).expect("a removed forward frees its port");
+    let (status, body) = api
+        .call(
+            Method::PUT,
+            "/v1/vms/fwd/egress",
+            Some(json!({"egress": "allow"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("user-mode"), "{body}");
+    api.ok(Method::DELETE, "/v1/vms/fwd", None).await;
+    // The listener is gone with the VM: the port can be bound again.
+    std::net::TcpListener::bind(("0.0.0.0", host_port)).expect("the port is free again");
+}
+
+/// The body of `/index.html` on the host's loopback `port`, retried while
+/// the guest server starts.
+async fn fetch(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/index.html");
     for _ in 0..50 {
         if let Ok(reply) = reqwest::get(&url).await {
             if reply.status().is_success() {
-                body = reply.text().await.unwrap();
-                break;
+                return reply.text().await.unwrap();
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(body, "served-from-guest\n");
-    api.ok(Method::DELETE, "/v1/vms/fwd", None).await;
-    // The listener is gone with the VM: the port can be bound again.
-    std::net::TcpListener::bind(("127.0.0.1", host_port)).expect("the port is free again");
+    panic!("nothing served on {url}");
 }

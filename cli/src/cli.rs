@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest, Ipv4Net};
 use arrakis_runtime::{ForkSource, MAX_FORKS};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
@@ -101,6 +102,12 @@ pub enum Verb {
     Rollback(RollbackArgs),
     /// List, show and delete snapshots; show their lineage (`tree`).
     Snapshots(SnapshotsArgs),
+    /// List, add and remove a sandbox's port forwards.
+    #[command(subcommand, long_about = PORT_ABOUT)]
+    Port(PortVerb),
+    /// Show or change where a sandbox may connect to.
+    #[command(long_about = EGRESS_ABOUT)]
+    Egress(EgressArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -174,11 +181,39 @@ impl SizeArgs {
     }
 }
 
+/// The network of a sandbox created by this call.
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct NetArgs {
+    /// Forward a host port to a guest port (repeatable):
+    /// `[HOST:]GUEST[=DESCRIPTION]`, e.g. `-p 8080:80=web` or `-p 22`.
+    /// Without HOST, or with 0, a free host port is picked.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = PUBLISH_FORM,
+        value_parser = parse_publish
+    )]
+    pub publish: Vec<ForwardRequest>,
+    /// Where the sandbox may open connections to: `allow`, `deny`, or
+    /// `CIDR[,CIDR...]` (e.g. `10.0.0.0/8,192.168.1.0/24`; bridge mode
+    /// only). Default: the runtime's configured policy.
+    #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
+    pub egress: Option<EgressPolicy>,
+}
+
+impl NetArgs {
+    pub fn is_set(&self) -> bool {
+        !self.publish.is_empty() || self.egress.is_some()
+    }
+}
+
 #[derive(Debug, ClapArgs)]
 pub struct CreateArgs {
     pub name: String,
     #[command(flatten)]
     pub size: SizeArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Environment of every command run in the sandbox, KEY=VALUE
     /// (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
@@ -204,6 +239,10 @@ pub struct StartArgs {
     /// Sizes of a sandbox created by this call.
     #[command(flatten)]
     pub size: SizeArgs,
+    /// Network of a sandbox created by this call (a stopped one that is
+    /// booted again keeps its own; change it with `port` and `egress`).
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 /// How a command runs (shared by exec and run).
@@ -253,7 +292,9 @@ pub struct RunArgs {
         long = "cmd",
         value_name = "CMD",
         requires = "name",
-        conflicts_with_all = ["rm", "command", "shell", "vcpus", "memory_mb", "image"]
+        conflicts_with_all = [
+            "rm", "command", "shell", "vcpus", "memory_mb", "image", "publish", "egress"
+        ]
     )]
     pub cmd: Option<String>,
     /// Destroy the sandbox when the command ends.
@@ -261,6 +302,8 @@ pub struct RunArgs {
     pub rm: bool,
     #[command(flatten)]
     pub size: SizeArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
     #[command(flatten)]
     pub options: CommandArgs,
     /// The command and its arguments.
@@ -534,6 +577,113 @@ pub enum FsVerb {
         mode: u32,
         path: String,
     },
+}
+
+const PORT_ABOUT: &str = "\
+List, add and remove a sandbox's port forwards.
+
+A forward makes a guest port reachable on a host port. It works in any state:
+a stopped sandbox gets its forwards when it boots again.
+
+Examples:
+  arrakis port ls dev
+  arrakis port add dev -p 8080:80=web -p 22   # 22 on a free host port
+  arrakis port rm dev 8080";
+
+#[derive(Debug, Subcommand)]
+pub enum PortVerb {
+    /// List the forwards: host port, guest port, description.
+    #[command(visible_alias = "list")]
+    Ls { name: String },
+    /// Add forwards (all or nothing); prints them with their host ports.
+    Add {
+        name: String,
+        /// A forward, `[HOST:]GUEST[=DESCRIPTION]` (repeatable); without
+        /// HOST, or with 0, a free host port is picked.
+        #[arg(
+            short = 'p',
+            long = "publish",
+            value_name = PUBLISH_FORM,
+            value_parser = parse_publish,
+            required = true
+        )]
+        publish: Vec<ForwardRequest>,
+    },
+    /// Remove the forwards on these host ports.
+    #[command(visible_alias = "remove")]
+    Rm {
+        name: String,
+        #[arg(value_name = "HOST_PORT", required = true)]
+        host_ports: Vec<u16>,
+    },
+}
+
+const EGRESS_ABOUT: &str = "\
+Show or change where a sandbox may open connections to.
+
+POLICY is `allow` (anywhere but the host and other sandboxes), `deny`
+(nowhere) or a comma-separated list of IPv4 CIDRs to allow. Without POLICY,
+the current one is shown. In bridge mode, connections opened from now on
+follow the new policy; a sandbox in user-mode networking (no root) keeps the
+one it was created with, which can only be allow or deny.
+
+Examples:
+  arrakis egress dev
+  arrakis egress dev deny
+  arrakis egress dev 10.0.0.0/8,192.168.1.0/24";
+
+#[derive(Debug, ClapArgs)]
+pub struct EgressArgs {
+    pub name: String,
+    /// `allow`, `deny` or `CIDR[,CIDR...]`.
+    #[arg(value_name = "POLICY", value_parser = parse_egress)]
+    pub policy: Option<EgressPolicy>,
+}
+
+/// How `-p/--publish` is written.
+const PUBLISH_FORM: &str = "[HOST:]GUEST[=DESCRIPTION]";
+
+/// `[HOST:]GUEST[=DESCRIPTION]`: the description is everything after the
+/// first `=`; a HOST of 0 (or none) leaves the pick to the runtime.
+pub fn parse_publish(text: &str) -> Result<ForwardRequest, String> {
+    let bad = |why: String| format!("{why}; expected {PUBLISH_FORM}, e.g. 8080:80=web or 22");
+    let (ports, description) = text.split_once('=').unwrap_or((text, ""));
+    let (host, guest) = match ports.split_once(':') {
+        Some((host, guest)) => {
+            let host = host
+                .parse::<u16>()
+                .map_err(|_| bad(format!("HOST {host:?} is not a port (0 to 65535)")))?;
+            ((host != 0).then_some(host), guest)
+        }
+        None => (None, ports),
+    };
+    let guest_port = guest
+        .parse::<u16>()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| bad(format!("GUEST {guest:?} is not a port (1 to 65535)")))?;
+    Ok(ForwardRequest {
+        host_port: host,
+        guest_port,
+        description: description.to_string(),
+    })
+}
+
+/// `allow`, `deny` or `CIDR[,CIDR...]` (a bare address is a /32; host
+/// bits are cleared, as the API does).
+pub fn parse_egress(text: &str) -> Result<EgressPolicy, String> {
+    match text {
+        "allow" => return Ok(EgressPolicy::AllowAll),
+        "deny" => return Ok(EgressPolicy::DenyAll),
+        _ => {}
+    }
+    let cidr = |cidr: &str| {
+        cidr.trim().parse::<Ipv4Net>().map(|net| net.trunc()).map_err(|_| {
+            format!("{cidr:?} is not an IPv4 CIDR; expected allow, deny or CIDR[,CIDR...], e.g. 10.0.0.0/8,192.168.1.0/24")
+        })
+    };
+    let list = text.split(',').map(cidr).collect::<Result<_, _>>()?;
+    Ok(EgressPolicy::AllowList(list))
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -834,6 +984,147 @@ mod tests {
             panic!()
         };
         assert!(matches!(s.action, Some(SnapshotsVerb::Tree)));
+    }
+
+    #[test]
+    fn publish_specs() {
+        let forward = |host: Option<u16>, guest: u16, description: &str| ForwardRequest {
+            host_port: host,
+            guest_port: guest,
+            description: description.into(),
+        };
+        assert_eq!(parse_publish("22"), Ok(forward(None, 22, "")));
+        assert_eq!(parse_publish("0:22"), Ok(forward(None, 22, "")));
+        assert_eq!(
+            parse_publish("8080:80=web"),
+            Ok(forward(Some(8080), 80, "web"))
+        );
+        assert_eq!(
+            parse_publish("65535:1=a=b:c d"),
+            Ok(forward(Some(65535), 1, "a=b:c d"))
+        );
+        assert_eq!(parse_publish("80="), Ok(forward(None, 80, "")));
+        for (bad, named) in [
+            ("", "GUEST \"\""),
+            ("0", "GUEST \"0\""),
+            ("65536", "GUEST \"65536\""),
+            ("web", "GUEST \"web\""),
+            ("8080:", "GUEST \"\""),
+            ("1:2:3", "GUEST \"2:3\""),
+            (":80", "HOST \"\""),
+            ("-1:80", "HOST \"-1\""),
+            ("70000:80", "HOST \"70000\""),
+            ("=web", "GUEST \"\""),
+        ] {
+            let error = parse_publish(bad).unwrap_err();
+            assert!(
+                error.contains(named) && error.contains("expected [HOST:]GUEST[=DESCRIPTION]"),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn egress_policies() {
+        let net = |text: &str| text.parse::<Ipv4Net>().unwrap();
+        assert_eq!(parse_egress("allow"), Ok(EgressPolicy::AllowAll));
+        assert_eq!(parse_egress("deny"), Ok(EgressPolicy::DenyAll));
+        assert_eq!(
+            parse_egress("10.1.2.3/8, 192.168.1.0/24,1.1.1.1"),
+            Ok(EgressPolicy::AllowList(vec![
+                net("10.0.0.0/8"),
+                net("192.168.1.0/24"),
+                net("1.1.1.1/32"),
+            ]))
+        );
+        for (bad, named) in [
+            ("", "\"\""),
+            ("Allow", "\"Allow\""),
+            ("10.0.0.0/8,", "\"\""),
+            ("10.0.0.0/33", "\"10.0.0.0/33\""),
+            ("10.0.0.0/8,deny", "\"deny\""),
+            ("::1/128", "\"::1/128\""),
+        ] {
+            let error = parse_egress(bad).unwrap_err();
+            assert!(
+                error.contains(named) && error.contains("expected allow, deny or CIDR[,CIDR...]"),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_sandboxes_take_forwards_and_egress() {
+        let Verb::Create(create) = parse(&[
+            "create",
+            "a",
+            "-p",
+            "80",
+            "--publish",
+            "8080:81=web",
+            "--egress",
+            "deny",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        let ports: Vec<_> = create
+            .net
+            .publish
+            .iter()
+            .map(|f| (f.host_port, f.guest_port))
+            .collect();
+        assert_eq!(ports, [(None, 80), (Some(8080), 81)]);
+        assert_eq!(create.net.egress, Some(EgressPolicy::DenyAll));
+        let Verb::Start(start) = parse(&["start", "a", "--egress", "10.0.0.0/8"]).command else {
+            panic!()
+        };
+        assert!(start.net.is_set() && start.net.publish.is_empty());
+        let Verb::Run(run) = parse(&["run", "--rm", "-p", "22", "--", "true"]).command else {
+            panic!()
+        };
+        assert_eq!(run.net.publish[0].guest_port, 22);
+        refused(&["run", "-n", "a", "-c", "true", "-p", "22"]);
+        refused(&["run", "-n", "a", "-c", "true", "--egress", "deny"]);
+        let error = refused(&["create", "a", "-p", "x"]);
+        assert!(error.contains("--publish"), "{error}");
+        let error = refused(&["create", "a", "--egress", "none"]);
+        assert!(error.contains("--egress"), "{error}");
+    }
+
+    #[test]
+    fn port_and_egress_verbs() {
+        let Verb::Port(PortVerb::Ls { name }) = parse(&["port", "ls", "a"]).command else {
+            panic!()
+        };
+        assert_eq!(name, "a");
+        let Verb::Port(PortVerb::Add { name, publish }) =
+            parse(&["port", "add", "a", "-p", "8080:80", "-p", "22=ssh"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(name, "a");
+        assert_eq!(publish[0].host_port, Some(8080));
+        assert_eq!(publish[1].description, "ssh");
+        let Verb::Port(PortVerb::Rm { host_ports, .. }) =
+            parse(&["port", "remove", "a", "8080", "40001"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(host_ports, [8080, 40001]);
+        refused(&["port", "add", "a"]);
+        refused(&["port", "rm", "a"]);
+        refused(&["port", "rm", "a", "http"]);
+        let Verb::Egress(egress) = parse(&["egress", "a"]).command else {
+            panic!()
+        };
+        assert_eq!((egress.name.as_str(), egress.policy), ("a", None));
+        let Verb::Egress(egress) = parse(&["egress", "a", "deny"]).command else {
+            panic!()
+        };
+        assert_eq!(egress.policy, Some(EgressPolicy::DenyAll));
+        refused(&["egress", "a", "sometimes"]);
     }
 
     #[test]

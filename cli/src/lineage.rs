@@ -232,6 +232,9 @@ mod tests {
             image: "default".into(),
             created_at: "2025-05-26T07:17:00Z".into(),
             from_snapshot: from.map(String::from),
+            network_mode: None,
+            mac: None,
+            egress: None,
         }
     }
 

@@ -3,7 +3,8 @@
 
 use arrakis_api::wire::fs::{Entry, EntryKind};
 use arrakis_api::wire::snapshots::Snapshot;
-use arrakis_api::wire::{Vm, VmStatus};
+use arrakis_api::wire::{PortForward, Vm, VmStatus};
+use arrakis_runtime::network::EgressPolicy;
 use serde::Serialize;
 
 /// The error and all its causes on one line.
@@ -102,12 +103,23 @@ pub fn when(rfc3339: &str) -> String {
     text.strip_suffix('Z').map(str::to_string).unwrap_or(text)
 }
 
+/// The guest address without its prefix length, or `-` without a NIC.
+fn address(vm: &Vm) -> &str {
+    match vm.ip.split('/').next() {
+        Some(ip) if !ip.is_empty() => ip,
+        _ => "-",
+    }
+}
+
 pub fn vm_table(vms: &[Vm]) -> String {
-    let mut table = Table::new(&["NAME", "STATUS", ">VCPUS", ">MEMORY", "IMAGE", "CREATED"]);
+    let mut table = Table::new(&[
+        "NAME", "STATUS", "IP", ">VCPUS", ">MEMORY", "IMAGE", "CREATED",
+    ]);
     for vm in vms {
         table.row(vec![
             vm.vm_name.clone(),
             status_text(vm.status).to_string(),
+            address(vm).to_string(),
             vm.vcpus.to_string(),
             format!("{}M", vm.memory_mb),
             vm.image.clone(),
@@ -129,6 +141,109 @@ pub fn vm(vm: &Vm, json: bool) -> anyhow::Result<()> {
         return self::json(vm);
     }
     print(&vm_table(std::slice::from_ref(vm)))
+}
+
+/// One sandbox as `Label:  value` lines, its network included.
+pub fn vm_lines(vm: &Vm) -> String {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("Name", vm.vm_name.clone()),
+        ("Status", status_text(vm.status).to_string()),
+        ("ID", vm.id.clone()),
+        ("vCPUs", vm.vcpus.to_string()),
+        ("Memory", format!("{}M", vm.memory_mb)),
+        ("Image", vm.image.clone()),
+        ("Created", when(&vm.created_at)),
+    ];
+    if let Some(snapshot) = &vm.from_snapshot {
+        lines.push(("From snapshot", snapshot.clone()));
+    }
+    match &vm.network_mode {
+        Some(mode) => {
+            lines.push(("Network", mode.clone()));
+            lines.push(("IP", vm.ip.clone()));
+            lines.extend(vm.mac.clone().map(|mac| ("MAC", mac)));
+            if !vm.tap_device_name.is_empty() {
+                lines.push(("Tap", vm.tap_device_name.clone()));
+            }
+            lines.extend(vm.egress.as_ref().map(|e| ("Egress", egress_text(e))));
+        }
+        None => lines.push(("Network", "none".to_string())),
+    }
+    let hosts = vm.port_forwards.iter().map(|f| f.host_port.chars().count());
+    let host_width = hosts.max().unwrap_or(0);
+    let mut forwards = vm.port_forwards.iter().map(|f| {
+        let line = format!("{:>host_width$} -> {}", f.host_port, f.guest_port);
+        match f.description.as_str() {
+            "" => line,
+            description => format!("{line}  {description}"),
+        }
+    });
+    lines.push(("Forwards", forwards.next().unwrap_or_else(|| "none".into())));
+    lines.extend(forwards.map(|line| ("", line)));
+
+    let width = lines
+        .iter()
+        .map(|(label, _)| label.len())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut out = String::new();
+    for (label, value) in lines {
+        let label = if label.is_empty() {
+            String::new()
+        } else {
+            format!("{label}:")
+        };
+        out.push_str(format!("{label:width$}  {value}").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn vm_details(vm: &Vm, json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(vm);
+    }
+    print(&vm_lines(vm))
+}
+
+pub fn forward_table(forwards: &[PortForward]) -> String {
+    let mut table = Table::new(&[">HOST", ">GUEST", "DESCRIPTION"]);
+    for forward in forwards {
+        table.row(vec![
+            forward.host_port.clone(),
+            forward.guest_port.clone(),
+            forward.description.clone(),
+        ]);
+    }
+    table.render()
+}
+
+pub fn forwards(forwards: &[PortForward], json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&forwards);
+    }
+    print(&forward_table(forwards))
+}
+
+/// A policy as `--egress` takes it: `allow`, `deny` or `CIDR,CIDR`.
+pub fn egress_text(egress: &EgressPolicy) -> String {
+    match egress {
+        EgressPolicy::AllowAll => "allow".to_string(),
+        EgressPolicy::DenyAll => "deny".to_string(),
+        EgressPolicy::AllowList(list) => {
+            let cidrs: Vec<String> = list.iter().map(ToString::to_string).collect();
+            cidrs.join(",")
+        }
+    }
+}
+
+/// The policy; with `--json`, `{"egress": ...}` as in the API.
+pub fn egress(egress: &EgressPolicy, json: bool) -> anyhow::Result<()> {
+    if json {
+        return self::json(&serde_json::json!({ "egress": egress }));
+    }
+    print(&format!("{}\n", egress_text(egress)))
 }
 
 /// Bytes in binary units, one decimal above KiB (`512 B`, `1.5 MiB`).
@@ -231,6 +346,33 @@ mod tests {
             image: "default".into(),
             created_at: "2025-05-26T07:17:03Z".into(),
             from_snapshot: None,
+            network_mode: None,
+            mac: None,
+            egress: None,
+        }
+    }
+
+    fn forward(host: &str, guest: &str, description: &str) -> PortForward {
+        PortForward {
+            host_port: host.into(),
+            guest_port: guest.into(),
+            description: description.into(),
+        }
+    }
+
+    /// A sandbox with a NIC in `mode`, two forwards and an allow-list.
+    fn networked(mode: &str, tap: &str) -> Vm {
+        Vm {
+            ip: "10.20.0.3/16".into(),
+            tap_device_name: tap.into(),
+            port_forwards: vec![forward("8080", "80", "web"), forward("40001", "22", "")],
+            network_mode: Some(mode.into()),
+            mac: Some("02:a5:0a:14:00:03".into()),
+            egress: Some(EgressPolicy::AllowList(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "1.1.1.1/32".parse().unwrap(),
+            ])),
+            ..vm("dev", VmStatus::Running, 2, 512)
         }
     }
 
@@ -239,19 +381,86 @@ mod tests {
         let table = vm_table(&[
             vm("a", VmStatus::Running, 1, 256),
             vm("my sandbox é", VmStatus::Stopped, 12, 16384),
+            networked("user", ""),
         ]);
         assert_eq!(
             table,
             "\
-NAME          STATUS   VCPUS  MEMORY  IMAGE    CREATED
-a             RUNNING      1    256M  default  2025-05-26 07:17:03
-my sandbox é  STOPPED     12  16384M  default  2025-05-26 07:17:03
+NAME          STATUS   IP         VCPUS  MEMORY  IMAGE    CREATED
+a             RUNNING  -              1    256M  default  2025-05-26 07:17:03
+my sandbox é  STOPPED  -             12  16384M  default  2025-05-26 07:17:03
+dev           RUNNING  10.20.0.3      2    512M  default  2025-05-26 07:17:03
 "
         );
         assert_eq!(
             vm_table(&[]),
-            "NAME  STATUS  VCPUS  MEMORY  IMAGE  CREATED\n"
+            "NAME  STATUS  IP  VCPUS  MEMORY  IMAGE  CREATED\n"
         );
+    }
+
+    #[test]
+    fn one_vm_shows_its_network() {
+        let mut bridged = networked("bridge", "ark-tap3");
+        bridged.from_snapshot = Some("base".into());
+        assert_eq!(
+            vm_lines(&bridged),
+            "\
+Name:           dev
+Status:         RUNNING
+ID:             id
+vCPUs:          2
+Memory:         512M
+Image:          default
+Created:        2025-05-26 07:17:03
+From snapshot:  base
+Network:        bridge
+IP:             10.20.0.3/16
+MAC:            02:a5:0a:14:00:03
+Tap:            ark-tap3
+Egress:         10.0.0.0/8,1.1.1.1/32
+Forwards:        8080 -> 80  web
+                40001 -> 22
+"
+        );
+        let mut user = networked("user", "");
+        user.port_forwards.clear();
+        user.egress = Some(EgressPolicy::DenyAll);
+        let text = vm_lines(&user);
+        assert!(
+            !text.contains("Tap:") && !text.contains("From snapshot:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nEgress:    deny\nForwards:  none\n"),
+            "{text}"
+        );
+        // Restored from a snapshot taken before sandboxes had a NIC.
+        let text = vm_lines(&vm("old", VmStatus::Stopped, 1, 256));
+        assert!(
+            text.ends_with("\nNetwork:   none\nForwards:  none\n") && !text.contains("IP:"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn forwards_and_egress_policies() {
+        assert_eq!(
+            forward_table(&[forward("8080", "80", "web"), forward("40001", "22", "")]),
+            concat!(
+                " HOST  GUEST  DESCRIPTION\n",
+                " 8080     80  web\n",
+                "40001     22\n"
+            )
+        );
+        assert_eq!(forward_table(&[]), "HOST  GUEST  DESCRIPTION\n");
+        assert_eq!(egress_text(&EgressPolicy::AllowAll), "allow");
+        assert_eq!(egress_text(&EgressPolicy::DenyAll), "deny");
+        let list = networked("user", "").egress.unwrap();
+        assert_eq!(egress_text(&list), "10.0.0.0/8,1.1.1.1/32");
+        // What is printed is what --egress takes back.
+        for policy in [EgressPolicy::AllowAll, EgressPolicy::DenyAll, list] {
+            assert_eq!(crate::cli::parse_egress(&egress_text(&policy)), Ok(policy));
+        }
     }
 
     #[test]

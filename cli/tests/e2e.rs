@@ -12,16 +12,23 @@ use common::{binary_blob, require_artifacts, sha256, wait_limited, CALL_LIMIT};
 /// even if the test failed half way.
 struct Env {
     state: tempfile::TempDir,
+    /// Environment of every call, clean-up included.
+    vars: Vec<(&'static str, &'static str)>,
 }
 
 impl Env {
     fn new() -> Env {
+        Env::with_vars(&[])
+    }
+
+    fn with_vars(vars: &[(&'static str, &'static str)]) -> Env {
         require_artifacts();
         Env {
             state: tempfile::Builder::new()
                 .prefix("arrakis-e2e")
                 .tempdir()
                 .unwrap(),
+            vars: vars.to_vec(),
         }
     }
 
@@ -30,7 +37,8 @@ impl Env {
         cmd.arg("--state-dir")
             .arg(self.state.path())
             .args(args)
-            .env_remove("ARRAKIS_SERVER");
+            .env_remove("ARRAKIS_SERVER")
+            .envs(self.vars.iter().copied());
         cmd
     }
 
@@ -465,4 +473,94 @@ fn a_snapshot_killed_midway_is_all_or_nothing() {
         delays.len()
     );
     env.ok(&["destroy-all"]);
+}
+
+/// `GET /index.html` on a loopback port; `None` when nothing answers.
+fn fetch(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(CALL_LIMIT)).ok()?;
+    stream
+        .write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (_, body) = reply.split_once("\r\n\r\n")?;
+    Some(body.to_string())
+}
+
+/// What [`fetch`] gets within 30 seconds (a loaded host may be slow to
+/// connect through a forward).
+fn served(port: u16) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let body = fetch(port);
+        if body.is_some() || std::time::Instant::now() > deadline {
+            return body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The host port of the forward described `description`, from `port ls`.
+fn host_port_of(env: &Env, name: &str, description: &str) -> Option<u16> {
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["port", "ls", name, "--json"])).unwrap();
+    list.iter()
+        .find(|f| f["description"] == description)
+        .map(|f| f["hostPort"].as_str().unwrap().parse().unwrap())
+}
+
+/// Forwards given at creation and added, removed and listed afterwards,
+/// proved by the bytes a guest web server returns through them. User-mode
+/// networking, so that nothing on the host's network changes; egress
+/// denied.
+#[test]
+fn port_forwards_reach_the_guest_and_go_away() {
+    let env = Env::with_vars(&[("ARRAKIS_NETWORK_MODE", "user")]);
+    env.ok(&["create", "web", "-p", "0:8000=web", "--egress", "deny"]);
+    let info = env.ok(&["info", "web"]);
+    for line in ["Network:   user", "IP:        10.20.", "Egress:    deny"] {
+        assert!(info.contains(line), "{line:?} in {info}");
+    }
+    assert_eq!(env.ok(&["egress", "web"]), "deny\n");
+    env.ok(&[
+        "exec",
+        "web",
+        "--shell",
+        "--",
+        "mkdir -p /tmp/www && echo served-by-the-guest > /tmp/www/index.html && cd /tmp/www && \
+         (setsid python3 -m http.server 8000 >/dev/null 2>&1 &) && \
+         for i in $(seq 300); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000), timeout=1)' 2>/dev/null && exit 0; sleep 0.2; done; exit 1",
+    ]);
+    let first = host_port_of(&env, "web", "web").expect("the forward given at creation");
+    assert_eq!(served(first).as_deref(), Some("served-by-the-guest\n"));
+
+    let added: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["port", "add", "web", "-p", "8000=again", "--json"]))
+            .unwrap();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0]["guestPort"], "8000");
+    let second: u16 = added[0]["hostPort"].as_str().unwrap().parse().unwrap();
+    assert_ne!(second, first);
+    assert_eq!(host_port_of(&env, "web", "again"), Some(second));
+    assert_eq!(served(second).as_deref(), Some("served-by-the-guest\n"));
+
+    env.ok(&["port", "rm", "web", &second.to_string()]);
+    assert_eq!(host_port_of(&env, "web", "again"), None);
+    assert_eq!(fetch(second), None, "port {second} still answers");
+    assert_eq!(served(first).as_deref(), Some("served-by-the-guest\n"));
+    let out = env.run(&["port", "rm", "web", &second.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no forward on host port {second}")),
+        "{stderr}"
+    );
+
+    env.ok(&["destroy", "web"]);
+    assert_eq!(fetch(first), None, "port {first} answers after destroy");
+    assert!(env.qemu_pids().is_empty());
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::StateLayout;
+use crate::network::NetworkConfig;
 use crate::spec;
 
 /// Smallest guest memory accepted, in MiB: below this the kernel and the
@@ -113,6 +114,8 @@ pub struct RuntimeConfig {
     /// and shape, kept the first time one boots (see `manager::golden`),
     /// instead of booting each. Off: every create boots.
     pub warm_start: bool,
+    /// How sandboxes are networked (see [`crate::network`]).
+    pub network: NetworkConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -155,12 +158,14 @@ impl RuntimeConfig {
             ram_dir: None,
             max_sandboxes: 0,
             warm_start: true,
+            network: NetworkConfig::default(),
         }
     }
 
     /// The defaults with the environment applied: `ARRAKIS_HOME`,
     /// `ARRAKIS_STATE_DIR`, `ARRAKIS_RAM_DIR`, `ARRAKIS_ACCEL` (`auto`,
-    /// `kvm`, `tcg`), `ARRAKIS_WARM_START` (`true`, `false`).
+    /// `kvm`, `tcg`), `ARRAKIS_WARM_START` (`true`, `false`),
+    /// `ARRAKIS_NETWORK_MODE` (`auto`, `user`, `bridge`).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(|var| std::env::var(var).ok())
     }
@@ -185,6 +190,13 @@ impl RuntimeConfig {
                     })
                 }
             };
+        }
+        if let Some(value) = env("ARRAKIS_NETWORK_MODE").filter(|v| !v.is_empty()) {
+            config.network.mode = value.parse().map_err(|message| ConfigError::Env {
+                var: "ARRAKIS_NETWORK_MODE",
+                value: value.clone(),
+                message,
+            })?;
         }
         if let Some(value) = env("ARRAKIS_ACCEL").filter(|v| !v.is_empty()) {
             config.accel = value.parse().map_err(|message| ConfigError::Env {
@@ -216,6 +228,9 @@ impl RuntimeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_paths()?;
         self.validate_limits()?;
+        self.network
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         spec::validate_image_name(&self.default_image)
             .map_err(|message| invalid("default_image", message))?;
         for arg in &self.extra_kernel_args {
@@ -371,8 +386,10 @@ mod tests {
             ("ARRAKIS_STATE_DIR", "/var/lib/ar"),
             ("ARRAKIS_ACCEL", "tcg"),
             ("ARRAKIS_RAM_DIR", "/run/ar-ram"),
+            ("ARRAKIS_NETWORK_MODE", "user"),
         ]))
         .unwrap();
+        assert_eq!(config.network.mode, crate::network::NetModeConfig::User);
         assert_eq!(config.resolved_ram_dir(), Path::new("/run/ar-ram"));
         assert_eq!(config.kernel, Path::new("/opt/ar/artifacts/vmlinuz"));
         assert_eq!(config.state_dir, Path::new("/var/lib/ar"));

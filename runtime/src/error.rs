@@ -8,6 +8,7 @@ use arrakis_protocol::ErrorCode;
 
 use crate::agent::{AgentError, ReadyError};
 use crate::config::ConfigError;
+use crate::network::NetError;
 use crate::sandbox::{Operation, SandboxState};
 use crate::store::StoreError;
 use crate::vmm::VmmError;
@@ -105,6 +106,22 @@ pub enum RuntimeError {
     },
     #[error("state store error")]
     Store(#[from] StoreError),
+    /// Setting up the host side of a sandbox's network failed.
+    #[error("sandbox {name:?}: host networking failed")]
+    Network {
+        name: String,
+        #[source]
+        source: NetError,
+    },
+    /// The network mode cannot do what was asked (bridge mode without
+    /// root, a CIDR allow-list in user mode...).
+    #[error("{0}")]
+    NetworkUnsupported(String),
+    #[error("host port {port} is already in use")]
+    PortTaken { port: u16 },
+    /// No address or host port is left.
+    #[error("{0}")]
+    NetworkExhausted(String),
     #[error("{op} {path} failed")]
     Io {
         op: &'static str,
@@ -131,7 +148,12 @@ impl RuntimeError {
             RuntimeError::MissingArtifact { .. }
             | RuntimeError::Config(_)
             | RuntimeError::SnapshotIncompatible { .. } => ErrorKind::FailedPrecondition,
-            RuntimeError::QuotaExceeded { .. } => ErrorKind::ResourceExhausted,
+            RuntimeError::QuotaExceeded { .. } | RuntimeError::NetworkExhausted(_) => {
+                ErrorKind::ResourceExhausted
+            }
+            RuntimeError::PortTaken { .. } => ErrorKind::Conflict,
+            RuntimeError::NetworkUnsupported(_) => ErrorKind::InvalidArgument,
+            RuntimeError::Network { .. } => ErrorKind::Internal,
             RuntimeError::Agent { source, .. } => agent_kind(source),
             RuntimeError::Boot { .. }
             | RuntimeError::Restore { .. }

@@ -27,6 +27,7 @@ pub mod layout;
 mod lock;
 pub mod manager;
 mod memfile;
+pub mod network;
 mod process;
 pub mod sandbox;
 pub mod spec;

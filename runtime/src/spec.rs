@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RuntimeConfig, MIN_MEMORY_MB};
+use crate::network::{DefaultForward, EgressPolicy, ForwardRequest};
 
 /// Longest sandbox name accepted.
 pub const MAX_NAME_LEN: usize = 63;
@@ -37,6 +38,12 @@ pub struct SandboxSpec {
     /// Boot even if a golden snapshot could warm-start it.
     #[serde(default)]
     pub cold_boot: bool,
+    /// Where the sandbox may connect to; `None`: the configured default.
+    #[serde(default)]
+    pub egress: Option<EgressPolicy>,
+    /// Forwards on top of the configured default ones.
+    #[serde(default)]
+    pub forwards: Vec<ForwardRequest>,
 }
 
 impl SandboxSpec {
@@ -58,6 +65,9 @@ pub struct ResolvedSpec {
     /// `<images_dir>/<image>/rootfs.ext4`, before symlinks are resolved.
     pub image_path: PathBuf,
     pub env: BTreeMap<String, String>,
+    pub egress: EgressPolicy,
+    /// The configured default forwards, then the requested ones.
+    pub forwards: Vec<ForwardRequest>,
 }
 
 /// A field that failed validation, with the accepted form.
@@ -103,7 +113,33 @@ pub fn resolve(spec: &SandboxSpec, config: &RuntimeConfig) -> Result<ResolvedSpe
         field: "env",
         message,
     })?;
+    let egress = spec
+        .egress
+        .clone()
+        .unwrap_or_else(|| config.network.egress.clone());
+    egress.validate().map_err(|message| SpecError {
+        field: "egress",
+        message,
+    })?;
+    let mut forwards: Vec<ForwardRequest> = config
+        .network
+        .forwards
+        .iter()
+        .flat_map(DefaultForward::expand)
+        .map(|(guest_port, description)| ForwardRequest {
+            host_port: None,
+            guest_port,
+            description,
+        })
+        .collect();
+    forwards.extend(spec.forwards.iter().cloned());
+    ForwardRequest::validate_all(&mut forwards).map_err(|message| SpecError {
+        field: "portForwards",
+        message,
+    })?;
     Ok(ResolvedSpec {
+        egress,
+        forwards,
         name: spec.name.clone(),
         vcpus,
         memory_mb,
@@ -331,9 +367,15 @@ mod tests {
     #[test]
     fn defaults_fill_in() {
         let resolved = resolve(&SandboxSpec::named("box"), &config()).unwrap();
+        // The configured forwards: 5901 (gui) and 5736-5740 (code).
+        assert_eq!(resolved.forwards.len(), 6);
+        assert_eq!(resolved.forwards[0].guest_port, 5901);
+        assert_eq!(resolved.forwards[0].description, "gui");
         assert_eq!(
             resolved,
             ResolvedSpec {
+                egress: EgressPolicy::AllowAll,
+                forwards: resolved.forwards.clone(),
                 name: "box".into(),
                 vcpus: 1,
                 memory_mb: 256,
@@ -342,6 +384,33 @@ mod tests {
                 env: BTreeMap::new(),
             }
         );
+    }
+
+    #[test]
+    fn forwards_are_checked_and_follow_the_defaults() {
+        let mut spec = SandboxSpec::named("box");
+        spec.forwards = vec![ForwardRequest {
+            host_port: Some(0),
+            guest_port: 8080,
+            description: "web".into(),
+        }];
+        let resolved = resolve(&spec, &config()).unwrap();
+        let last = resolved.forwards.last().unwrap();
+        assert_eq!((last.host_port, last.guest_port), (None, 8080));
+        spec.forwards[0].guest_port = 0;
+        let err = resolve(&spec, &config()).unwrap_err();
+        assert_eq!(err.field, "portForwards");
+        assert!(err.message.contains("guestPort"), "{err}");
+        spec.forwards = vec![
+            ForwardRequest {
+                host_port: Some(9000),
+                guest_port: 1,
+                description: String::new(),
+            };
+            2
+        ];
+        let err = resolve(&spec, &config()).unwrap_err();
+        assert!(err.message.contains("9000"), "{err}");
     }
 
     #[test]

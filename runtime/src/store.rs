@@ -32,7 +32,10 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
+mod net;
+
 use crate::accel::AccelKind;
+use crate::network::{SandboxNet, SnapshotNet};
 use crate::sandbox::SandboxState;
 use crate::vmm::StateFormat;
 
@@ -93,6 +96,22 @@ const MIGRATIONS: &[&str] = &[
         stamp       TEXT NOT NULL,
         sha256      TEXT NOT NULL
     ) STRICT;",
+    // v5: networking. A sandbox's NIC and a snapshot's (JSON; NULL: none,
+    // as every earlier sandbox and snapshot), and the leases that keep
+    // addresses and host ports unique across processes.
+    "ALTER TABLE sandboxes ADD COLUMN network TEXT;
+    ALTER TABLE snapshots ADD COLUMN network TEXT;
+    CREATE TABLE addresses (
+        address     INTEGER PRIMARY KEY NOT NULL,
+        sandbox_id  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE forwards (
+        host_port   INTEGER PRIMARY KEY NOT NULL,
+        sandbox_id  TEXT NOT NULL,
+        guest_port  INTEGER NOT NULL,
+        description TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX forwards_sandbox ON forwards(sandbox_id);",
 ];
 
 /// Every layer that is live (see the module documentation).
@@ -139,6 +158,20 @@ pub enum StoreError {
     DuplicateSnapshot { id: String },
     #[error("no snapshot with id {id:?}")]
     MissingSnapshot { id: String },
+    #[error("no free address left in {subnet}")]
+    AddressesExhausted { subnet: crate::network::Ipv4Net },
+    #[error("host port {port} is already in use")]
+    PortTaken { port: u16 },
+    #[error("no free host port left in {range}")]
+    PortsExhausted { range: crate::network::PortRange },
+    #[error(
+        "at most {max} forwards per sandbox; it has {existing} and {adding} more were asked for"
+    )]
+    TooManyForwards {
+        max: usize,
+        existing: usize,
+        adding: usize,
+    },
     #[error("record of sandbox {name:?} has an invalid {field}: {value:?}")]
     Corrupt {
         name: String,
@@ -174,6 +207,9 @@ pub struct SandboxRecord {
     /// The snapshot this sandbox was last restored, forked or rolled back
     /// from (which may since be deleted); `None` for a cold-created one.
     pub from_snapshot: Option<String>,
+    /// Its NIC; `None` until one is attached, and for sandboxes from
+    /// before networking.
+    pub network: Option<SandboxNet>,
 }
 
 /// A layer row to insert along with the record that references it.
@@ -240,6 +276,8 @@ pub struct SnapshotRecord {
     /// Set on the golden snapshots warm starts fork from (hidden from
     /// users): what they were booted from, see `manager::golden`.
     pub golden_key: Option<String>,
+    /// The NIC the VM had (a restore recreates it), `None` if it had none.
+    pub network: Option<SnapshotNet>,
 }
 
 pub struct Store {
@@ -446,11 +484,15 @@ impl Store {
     /// whose files the caller removes.
     pub fn delete(&self, name: &str, id: &str) -> Result<Vec<String>, StoreError> {
         self.write("delete a sandbox", |tx| {
-            tx.execute(
-                "DELETE FROM sandboxes WHERE name = ?1 AND id = ?2",
-                [name, id],
-            )
-            .map_err(query_err("delete a sandbox"))?;
+            let deleted = tx
+                .execute(
+                    "DELETE FROM sandboxes WHERE name = ?1 AND id = ?2",
+                    [name, id],
+                )
+                .map_err(query_err("delete a sandbox"))?;
+            if deleted > 0 {
+                net::release_all(tx, id)?;
+            }
             collect_garbage(tx)
         })
     }
@@ -485,9 +527,10 @@ impl Store {
             let result = tx.execute(
                 "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
                                         image, image_path, env, accel, layer, next_layer,
-                                        created_at, parent_snapshot, state_format, golden_key)
+                                        created_at, parent_snapshot, state_format, golden_key,
+                                        network)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                         ?16, ?17)",
+                         ?16, ?17, ?18)",
                 params![
                     snap.id,
                     snap.dir,
@@ -506,6 +549,7 @@ impl Store {
                     snap.parent_snapshot,
                     snap.state_format.as_str(),
                     snap.golden_key,
+                    snap.network.as_ref().map(to_json),
                 ],
             );
             match result {
@@ -734,8 +778,9 @@ fn insert_sandbox(
     }
     let result = tx.execute(
         "INSERT INTO sandboxes (name, id, vcpus, memory_mb, image, image_path, state, pid,
-                                accel, created_at, boot_count, env, disk_layer, from_snapshot)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                accel, created_at, boot_count, env, disk_layer, from_snapshot,
+                                network)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             record.name,
             record.id,
@@ -751,6 +796,7 @@ fn insert_sandbox(
             env_to_json(&record.env),
             record.disk_layer,
             record.from_snapshot,
+            record.network.as_ref().map(to_json),
         ],
     );
     match result {
@@ -827,6 +873,11 @@ fn env_to_json(env: &BTreeMap<String, String>) -> String {
     serde_json::to_string(env).unwrap_or_else(|_| "{}".to_string())
 }
 
+/// JSON of a value whose serialization cannot fail (plain data).
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -875,6 +926,7 @@ struct RawRecord {
     env: String,
     disk_layer: Option<String>,
     from_snapshot: Option<String>,
+    network: Option<String>,
 }
 
 impl RawRecord {
@@ -894,6 +946,7 @@ impl RawRecord {
             env: row.get("env")?,
             disk_layer: row.get("disk_layer")?,
             from_snapshot: row.get("from_snapshot")?,
+            network: row.get("network")?,
         })
     }
 
@@ -919,7 +972,13 @@ impl RawRecord {
             return Err(corrupt("disk_layer", layer));
         }
         let env = serde_json::from_str(&self.env).map_err(|_| corrupt("env", &self.env))?;
+        let network = self
+            .network
+            .as_deref()
+            .map(|text| serde_json::from_str(text).map_err(|_| corrupt("network", text)))
+            .transpose()?;
         Ok(SandboxRecord {
+            network,
             state,
             accel,
             env,
@@ -957,6 +1016,7 @@ struct RawSnapshot {
     parent_snapshot: Option<String>,
     state_format: String,
     golden_key: Option<String>,
+    network: Option<String>,
 }
 
 impl RawSnapshot {
@@ -979,6 +1039,7 @@ impl RawSnapshot {
             parent_snapshot: row.get("parent_snapshot")?,
             state_format: row.get("state_format")?,
             golden_key: row.get("golden_key")?,
+            network: row.get("network")?,
         })
     }
 
@@ -1003,7 +1064,13 @@ impl RawSnapshot {
             }
         }
         let env = serde_json::from_str(&self.env).map_err(|_| corrupt("env", &self.env))?;
+        let network = self
+            .network
+            .as_deref()
+            .map(|text| serde_json::from_str(text).map_err(|_| corrupt("network", text)))
+            .transpose()?;
         Ok(SnapshotRecord {
+            network,
             state,
             accel,
             env,
@@ -1045,6 +1112,7 @@ mod tests {
             env: BTreeMap::new(),
             disk_layer: None,
             from_snapshot: None,
+            network: None,
         }
     }
 
@@ -1078,6 +1146,7 @@ mod tests {
             parent_snapshot: None,
             state_format: StateFormat::Devices,
             golden_key: None,
+            network: None,
         }
     }
 
@@ -1098,6 +1167,117 @@ mod tests {
         let mut ids: Vec<String> = store.layer_ids().unwrap().into_iter().collect();
         ids.sort();
         ids
+    }
+
+    fn net_of(address: std::net::Ipv4Addr) -> crate::network::SandboxNet {
+        crate::network::SandboxNet {
+            mode: crate::network::NetMode::User,
+            address: crate::network::Ipv4Net {
+                addr: address,
+                prefix: 29,
+            },
+            gateway: "10.9.0.1".parse().unwrap(),
+            nameserver: "10.9.0.2".parse().unwrap(),
+            mac: crate::network::Mac::for_address(address).to_string(),
+            tap: None,
+            egress: crate::network::EgressPolicy::DenyAll,
+        }
+    }
+
+    /// Addresses and host ports are leased once, all or nothing, and come
+    /// back when their sandbox's record goes.
+    #[test]
+    fn network_leases_are_unique_and_released_with_the_record() {
+        use crate::network::{ForwardRequest, PortRange};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let subnet: crate::network::Ipv4Net = "10.9.0.0/29".parse().unwrap();
+        let mut addresses = Vec::new();
+        for n in 1..=5u8 {
+            let record = record(&format!("s{n}"), &format!("{n:016x}"));
+            store.insert(&record, None, 0).unwrap();
+            match store.attach_network(&record.name, &record.id, subnet, 3, net_of) {
+                Ok(net) => addresses.push(net.address.addr.to_string()),
+                Err(StoreError::AddressesExhausted { .. }) => addresses.push("none".into()),
+                Err(other) => panic!("{other}"),
+            }
+        }
+        // A /29 has hosts .1-.6; sandboxes start at .3.
+        assert_eq!(
+            addresses,
+            ["10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6", "none"]
+        );
+        let got = store.get("s2").unwrap().unwrap().network.unwrap();
+        assert_eq!(got, net_of("10.9.0.4".parse().unwrap()));
+
+        let range = PortRange {
+            first: 50000,
+            last: 50002,
+        };
+        let ask = |host_port, guest_port| ForwardRequest {
+            host_port,
+            guest_port,
+            description: String::new(),
+        };
+        let id1 = format!("{:016x}", 1);
+        let id2 = format!("{:016x}", 2);
+        let busy_50000 = |port| port != 50000;
+        let got = store
+            .add_forwards(&id1, &[ask(None, 80), ask(None, 81)], range, 8, busy_50000)
+            .unwrap();
+        let ports: Vec<u16> = got.iter().map(|f| f.host_port).collect();
+        assert_eq!(ports, [50001, 50002], "50000 is busy on the host");
+        let err = store
+            .add_forwards(&id2, &[ask(Some(50001), 80)], range, 8, |_| true)
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::PortTaken { port: 50001 }),
+            "{err}"
+        );
+        let err = store
+            .add_forwards(&id2, &[ask(None, 80)], range, 8, busy_50000)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::PortsExhausted { .. }), "{err}");
+        let err = store
+            .add_forwards(&id1, &[ask(None, 82)], range, 2, |_| true)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TooManyForwards { .. }), "{err}");
+        // All or nothing: the first of two was not kept.
+        let err = store
+            .add_forwards(
+                &id2,
+                &[ask(Some(50000), 1), ask(Some(50001), 2)],
+                range,
+                8,
+                |_| true,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::PortTaken { port: 50001 }),
+            "{err}"
+        );
+        assert!(store.forwards(&id2).unwrap().is_empty());
+
+        store.delete("s1", &id1).unwrap();
+        assert!(store.all_forwards().unwrap().is_empty());
+        let record = record("s6", &format!("{:016x}", 6));
+        store.insert(&record, None, 0).unwrap();
+        let net = store
+            .attach_network(&record.name, &record.id, subnet, 3, net_of)
+            .unwrap();
+        assert_eq!(
+            net.address.addr.to_string(),
+            "10.9.0.3",
+            "s1's address is free again"
+        );
+        let got = store
+            .add_forwards(&record.id, &[ask(None, 80)], range, 8, |_| true)
+            .unwrap();
+        assert_eq!(got[0].host_port, 50000);
+        let removed = store
+            .remove_forwards(&record.id, Some(&[50000, 50001]))
+            .unwrap();
+        assert_eq!(removed.len(), 1, "only its own forward");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::network::{EgressPolicy, NetModeConfig, PortRange};
 use crate::{Manager, RuntimeConfig};
 
 /// A temporary state directory on the artifacts of `scripts/setup`, with
@@ -36,6 +37,11 @@ impl VmTestEnv {
         config.boot_timeout_secs = 120;
         // Tests boot what they create unless they test warm starts.
         config.warm_start = false;
+        // No root-only host changes, and guests in tests reach nothing but
+        // their forwards (tests of bridge mode or egress say otherwise).
+        config.network.mode = NetModeConfig::User;
+        config.network.egress = EgressPolicy::DenyAll;
+        config.network.host_ports = private_port_window();
         let image = config
             .images_dir
             .join(&config.default_image)
@@ -154,4 +160,20 @@ pub fn run_bounded<F: Future<Output = ()>>(limit: Duration, log_filter: &str, bo
                 .await
                 .expect("test exceeded its time bound")
         });
+}
+
+/// A window of 200 host ports picked at random in 20000-59999, so test
+/// environments running at once (each its own state directory, so its own
+/// leases) rarely pick the same ports.
+pub fn private_port_window() -> PortRange {
+    let mut byte = [0u8; 2];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut byte))
+        .map(|()| u16::from_le_bytes(byte))
+        .unwrap_or(0);
+    let first = 20000 + (random % 200) * 200;
+    PortRange {
+        first,
+        last: first + 199,
+    }
 }

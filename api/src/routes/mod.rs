@@ -6,6 +6,7 @@ mod exec;
 mod files;
 mod fs;
 mod health;
+mod network;
 mod snapshots;
 mod vms;
 
@@ -17,7 +18,6 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::openapi::{__path_openapi_json, openapi_json};
-use crate::wire::Vm;
 use crate::AppState;
 use cmd::{__path_run, run};
 use exec::{__path_exec, __path_exec_ws, exec, exec_ws};
@@ -28,6 +28,10 @@ use fs::{
     list as fs_list, mkdir, put_archive, put_file, remove, stat,
 };
 use health::{__path_health, __path_metrics, health, metrics};
+use network::{
+    __path_add_forwards, __path_remove_forward, __path_set_egress, add_forwards, remove_forward,
+    set_egress,
+};
 use snapshots::{
     __path_create as __path_create_snapshot, __path_delete as __path_delete_snapshot,
     __path_get as __path_get_snapshot, __path_list as __path_list_snapshots,
@@ -68,13 +72,9 @@ pub(crate) fn all() -> OpenApiRouter<AppState> {
         .routes(routes!(fork_snapshot))
         .routes(routes!(fork_vm))
         .routes(routes!(rollback))
-}
-
-/// The wire object of a VM, with its port forwards.
-pub(crate) fn vm_of(state: &AppState, info: &arrakis_runtime::SandboxInfo) -> Vm {
-    let mut vm = Vm::from(info);
-    vm.port_forwards = state.forwards.list(&info.name);
-    vm
+        .routes(routes!(add_forwards))
+        .routes(routes!(remove_forward))
+        .routes(routes!(set_egress))
 }
 
 /// Maps an agent failure in sandbox `name` to its HTTP error.

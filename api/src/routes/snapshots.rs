@@ -6,7 +6,7 @@ use arrakis_runtime::{ForkSource, SnapshotInfo, MAX_FORKS};
 use axum::extract::State;
 use axum::Json;
 
-use super::{detached, vm_of};
+use super::detached;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, SnapshotId, VmName};
 use crate::metrics::Operation;
@@ -176,7 +176,7 @@ pub(crate) async fn restore(
     state
         .metrics
         .operation(Operation::Restore, started.elapsed());
-    Ok(Json(vm_of(&state, &info)))
+    Ok(Json(Vm::from(&info)))
 }
 
 fn fork_count(request: &ForkRequest) -> Result<u32, ApiError> {
@@ -293,5 +293,5 @@ pub(crate) async fn rollback(
     state
         .metrics
         .operation(Operation::Restore, started.elapsed());
-    Ok(Json(vm_of(&state, &info)))
+    Ok(Json(Vm::from(&info)))
 }

@@ -4,7 +4,7 @@ use arrakis_runtime::{ErrorKind, SandboxState};
 use axum::extract::State;
 use axum::Json;
 
-use super::{detached, vm_of};
+use super::detached;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, VmName};
 use crate::metrics::Operation;
@@ -36,11 +36,8 @@ pub(crate) async fn start(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<StartVmRequest>,
 ) -> Result<Json<Vm>, ApiError> {
-    let (spec, port_forwards) = match request.parse()? {
-        StartCommand::Start {
-            spec,
-            port_forwards,
-        } => (spec, port_forwards),
+    let spec = match request.parse()? {
+        StartCommand::Start { spec } => spec,
         StartCommand::Restore { name, snapshot_id } => {
             let manager = state.manager.clone();
             let started = std::time::Instant::now();
@@ -49,43 +46,29 @@ pub(crate) async fn start(
             state
                 .metrics
                 .operation(Operation::Restore, started.elapsed());
-            return Ok(Json(vm_of(&state, &info)));
+            return Ok(Json(Vm::from(&info)));
         }
     };
-    let name = spec.name.clone();
     let manager = state.manager.clone();
     let started = std::time::Instant::now();
-    let (info, created) = detached(async move {
+    let info = detached(async move {
         let name = spec.name.clone();
         match manager.get(&name).await {
             Ok(info) if matches!(info.state, SandboxState::Stopped | SandboxState::Crashed) => {
-                Ok((manager.start(&name).await?, false))
+                // A restart keeps the VM's forwards and adds those asked for.
+                if !spec.forwards.is_empty() {
+                    manager.add_forwards(&name, spec.forwards).await?;
+                }
+                Ok(manager.start(&name).await?)
             }
-            Ok(_) => Ok((manager.create(spec).await?, true)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok((manager.create(spec).await?, true)),
+            Ok(_) => Ok(manager.create(spec).await?),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(manager.create(spec).await?),
             Err(e) => Err(e.into()),
         }
     })
     .await?;
-    if !port_forwards.is_empty() {
-        // A restart's request replaces the forwards it had.
-        state.forwards.close(&name).await;
-        if let Err(error) = state
-            .forwards
-            .open(&state.manager, &name, &port_forwards)
-            .await
-        {
-            if created {
-                // All or nothing: no VM is left behind by a refused request.
-                if let Err(e) = state.manager.destroy(&name).await {
-                    tracing::warn!(name, error = %e.chain(), "cannot remove the new VM");
-                }
-            }
-            return Err(error);
-        }
-    }
     state.metrics.operation(Operation::Boot, started.elapsed());
-    Ok(Json(vm_of(&state, &info)))
+    Ok(Json(Vm::from(&info)))
 }
 
 /// Every VM.
@@ -98,7 +81,7 @@ pub(crate) async fn start(
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<VmList>, ApiError> {
     let infos = state.manager.list().await?;
     Ok(Json(VmList {
-        vms: infos.iter().map(|info| vm_of(&state, info)).collect(),
+        vms: infos.iter().map(Vm::from).collect(),
     }))
 }
 
@@ -111,15 +94,12 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<VmList>, 
 )]
 pub(crate) async fn destroy_all(State(state): State<AppState>) -> Result<Json<Success>, ApiError> {
     let manager = state.manager;
-    let forwards = state.forwards;
     detached(async move {
         let infos = manager.list().await?;
         let mut failures = Vec::new();
         for info in &infos {
             match manager.destroy(&info.name).await {
-                Ok(()) => {
-                    forwards.close(&info.name).await;
-                }
+                Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => failures.push(format!("{:?}: {}", info.name, e.chain())),
             }
@@ -156,7 +136,7 @@ pub(crate) async fn get(
     VmName(name): VmName,
 ) -> Result<Json<Vm>, ApiError> {
     let info = state.manager.get(&name).await?;
-    Ok(Json(vm_of(&state, &info)))
+    Ok(Json(Vm::from(&info)))
 }
 
 /// Stops (`stopped`: powers off, can be started again with `POST /vms`),
@@ -211,10 +191,8 @@ pub(crate) async fn destroy(
     VmName(name): VmName,
 ) -> Result<Json<Success>, ApiError> {
     let manager = state.manager;
-    let forwards = state.forwards;
     detached(async move {
         manager.destroy(&name).await?;
-        forwards.close(&name).await;
         Ok(())
     })
     .await?;

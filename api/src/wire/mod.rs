@@ -8,6 +8,7 @@ pub mod snapshots;
 
 use std::collections::BTreeMap;
 
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest};
 use arrakis_runtime::{SandboxInfo, SandboxSpec, SandboxState};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -64,12 +65,23 @@ pub struct Empty {}
 pub struct Vm {
     pub vm_name: String,
     pub status: VmStatus,
-    /// Guest address with prefix length (`10.20.1.2/24`); empty while
-    /// sandboxes have no network.
+    /// Guest address with prefix length (`10.20.0.3/16`); empty for a VM
+    /// without a NIC (restored from a snapshot taken before networking).
     pub ip: String,
-    /// Empty while sandboxes have no network.
+    /// The host tap device in bridge mode; empty in user mode.
     pub tap_device_name: String,
     pub port_forwards: Vec<PortForward>,
+    /// Beyond the original: `bridge` or `user` (absent without a NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<String>,
+    /// The guest NIC's MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Where the VM may connect to: `"allow"`, `"deny"` or a list of
+    /// IPv4 CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub egress: Option<EgressPolicy>,
     /// Beyond the original: the sandbox's id, size, image and creation
     /// time (RFC 3339, UTC).
     pub id: String,
@@ -117,14 +129,28 @@ pub struct PortForward {
     pub description: String,
 }
 
+impl From<&arrakis_runtime::network::PortForward> for PortForward {
+    fn from(forward: &arrakis_runtime::network::PortForward) -> PortForward {
+        PortForward {
+            host_port: forward.host_port.to_string(),
+            guest_port: forward.guest_port.to_string(),
+            description: forward.description.clone(),
+        }
+    }
+}
+
 impl From<&SandboxInfo> for Vm {
     fn from(info: &SandboxInfo) -> Vm {
+        let net = info.network.as_ref();
         Vm {
             vm_name: info.name.clone(),
             status: VmStatus::of(info.state),
-            ip: String::new(),
-            tap_device_name: String::new(),
-            port_forwards: Vec::new(),
+            ip: net.map(|n| n.address.to_string()).unwrap_or_default(),
+            tap_device_name: net.and_then(|n| n.tap.clone()).unwrap_or_default(),
+            port_forwards: info.forwards.iter().map(PortForward::from).collect(),
+            network_mode: net.map(|n| n.mode.to_string()),
+            mac: net.map(|n| n.mac.clone()),
+            egress: net.map(|n| n.egress.clone()),
             id: info.id.clone(),
             vcpus: info.vcpus,
             memory_mb: info.memory_mb,
@@ -187,9 +213,15 @@ pub struct StartVmRequest {
     /// Environment of every command run in the VM.
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
-    /// Guest ports to reach from the host.
+    /// Guest ports to reach from the host, beyond the server's default
+    /// ones.
     #[serde(default)]
     pub port_forwards: Option<Vec<PortForwardRequest>>,
+    /// Where the VM may connect to: `"allow"`, `"deny"` or a list of IPv4
+    /// CIDRs; default the server's.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub egress: Option<EgressPolicy>,
     /// Boot the guest even when the server could warm-start the VM from a
     /// golden snapshot of its image and shape.
     #[serde(default)]
@@ -207,15 +239,38 @@ pub struct PortForwardRequest {
     pub description: Option<String>,
 }
 
+impl PortForwardRequest {
+    pub fn into_runtime(self) -> ForwardRequest {
+        ForwardRequest {
+            host_port: self.host_port.filter(|p| *p != 0),
+            guest_port: self.guest_port,
+            description: self.description.unwrap_or_default(),
+        }
+    }
+}
+
+/// `POST /v1/vms/{name}/portForwards`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddForwardsRequest {
+    pub port_forwards: Vec<PortForwardRequest>,
+}
+
+/// `PUT /v1/vms/{name}/egress`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    /// `"allow"`, `"deny"` or a list of IPv4 CIDRs such as `["10.0.0.0/8"]`.
+    #[schema(value_type = Object)]
+    pub egress: EgressPolicy,
+}
+
 /// What a start request asks for, once parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartCommand {
     /// Create the VM, or boot it again if it exists and is stopped (the
     /// spec's sizes then apply only to a new VM).
-    Start {
-        spec: SandboxSpec,
-        port_forwards: Vec<PortForwardRequest>,
-    },
+    Start { spec: SandboxSpec },
     /// Restore a snapshot as a new VM named `name`.
     Restore { name: String, snapshot_id: String },
 }
@@ -235,9 +290,9 @@ impl StartVmRequest {
                     "vcpus, memoryMb and image cannot be given with snapshotId: a restored VM has its snapshot's",
                 ));
             }
-            if self.env.is_some() || self.port_forwards.is_some() {
+            if self.env.is_some() || self.port_forwards.is_some() || self.egress.is_some() {
                 return Err(ApiError::unprocessable(
-                    "env and portForwards cannot be given with snapshotId: a restored VM has its snapshot's",
+                    "env, portForwards and egress cannot be given with snapshotId: a restored VM has its snapshot's (change them after the restore)",
                 ));
             }
             if self.cold_boot == Some(true) {
@@ -264,10 +319,14 @@ impl StartVmRequest {
         spec.image = self.image;
         spec.env = self.env.unwrap_or_default();
         spec.cold_boot = self.cold_boot.unwrap_or(false);
-        Ok(StartCommand::Start {
-            spec,
-            port_forwards: self.port_forwards.unwrap_or_default(),
-        })
+        spec.egress = self.egress;
+        spec.forwards = self
+            .port_forwards
+            .unwrap_or_default()
+            .into_iter()
+            .map(PortForwardRequest::into_runtime)
+            .collect();
+        Ok(StartCommand::Start { spec })
     }
 }
 
@@ -479,22 +538,22 @@ mod tests {
             start(r#"{"vmName":"my sb","extra":1,"entryPoint":"x"}"#),
             Ok(StartCommand::Start {
                 spec: SandboxSpec::named("my sb"),
-                port_forwards: Vec::new(),
             })
         );
-        let Ok(StartCommand::Start {
-            spec,
-            port_forwards,
-        }) = start(
-            r#"{"vmName":"b","vcpus":2,"memoryMb":512,"image":"img","env":{"K":"V"},"portForwards":[{"guestPort":80}]}"#,
-        )
-        else {
+        let Ok(StartCommand::Start { spec }) = start(
+            r#"{"vmName":"b","vcpus":2,"memoryMb":512,"image":"img","env":{"K":"V"},"portForwards":[{"guestPort":80,"hostPort":0}],"egress":["10.0.0.0/8"]}"#,
+        ) else {
             panic!("not a start")
         };
         assert_eq!((spec.vcpus, spec.memory_mb), (Some(2), Some(512)));
         assert_eq!(spec.image.as_deref(), Some("img"));
         assert_eq!(spec.env["K"], "V");
-        assert_eq!(port_forwards[0].guest_port, 80);
+        assert_eq!(spec.forwards[0].guest_port, 80);
+        assert_eq!(spec.forwards[0].host_port, None);
+        assert_eq!(
+            spec.egress,
+            Some(EgressPolicy::AllowList(vec!["10.0.0.0/8".parse().unwrap()]))
+        );
         assert_eq!(
             start(r#"{"vmName":"c","snapshotId":"s1","kernel":"ignored"}"#),
             Ok(StartCommand::Restore {
@@ -610,6 +669,9 @@ mod tests {
             image: "default".into(),
             created_at: rfc3339(1_748_243_823),
             from_snapshot: None,
+            network_mode: None,
+            mac: None,
+            egress: None,
         };
         assert_eq!(
             serde_json::to_value(&vm).unwrap(),

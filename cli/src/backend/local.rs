@@ -20,6 +20,8 @@ fn spec(new: NewVm) -> SandboxSpec {
     spec.image = new.image;
     spec.env = new.env;
     spec.cold_boot = new.cold_boot;
+    spec.forwards = new.forwards;
+    spec.egress = new.egress;
     spec
 }
 

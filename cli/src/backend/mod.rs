@@ -15,7 +15,8 @@ use anyhow::{bail, Context};
 use arrakis_api::wire::exec::{ExecBody, ExecExit};
 use arrakis_api::wire::fs::{Entry, Listing};
 use arrakis_api::wire::snapshots::Snapshot;
-use arrakis_api::wire::Vm;
+use arrakis_api::wire::{PortForward, Vm};
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest};
 use arrakis_runtime::{ExecSession, ExecStdin, ForkSource, Manager, RuntimeConfig};
 use bytes::Bytes;
 
@@ -36,6 +37,9 @@ pub struct NewVm {
     pub env: BTreeMap<String, String>,
     /// Boot even if a golden snapshot could warm-start it.
     pub cold_boot: bool,
+    pub forwards: Vec<ForwardRequest>,
+    /// `None`: the runtime's default policy.
+    pub egress: Option<EgressPolicy>,
 }
 
 /// Which state change a PATCH asks for.
@@ -307,6 +311,63 @@ impl Backend {
         match self {
             Backend::Local(manager) => local::get_archive(manager, name, dir, out).await,
             Backend::Remote(client) => client.get_archive(name, dir, out).await,
+        }
+    }
+
+    /// The port forwards of sandbox `name`.
+    pub async fn forwards(&self, name: &str) -> anyhow::Result<Vec<PortForward>> {
+        match self {
+            Backend::Local(manager) => {
+                let forwards = manager.forwards(name).await?;
+                Ok(forwards.iter().map(PortForward::from).collect())
+            }
+            Backend::Remote(client) => Ok(client.get_vm(name).await?.port_forwards),
+        }
+    }
+
+    /// Adds forwards to sandbox `name`, all or nothing; returns those
+    /// added, with their host ports.
+    pub async fn add_forwards(
+        &self,
+        name: &str,
+        requests: Vec<ForwardRequest>,
+    ) -> anyhow::Result<Vec<PortForward>> {
+        match self {
+            Backend::Local(manager) => {
+                let added = manager.add_forwards(name, requests).await?;
+                Ok(added.iter().map(PortForward::from).collect())
+            }
+            Backend::Remote(client) => client.add_forwards(name, requests).await,
+        }
+    }
+
+    /// Removes the forwards on `host_ports`.
+    pub async fn remove_forwards(&self, name: &str, host_ports: &[u16]) -> anyhow::Result<()> {
+        match self {
+            Backend::Local(manager) => {
+                manager
+                    .remove_forwards(name, Some(host_ports.to_vec()))
+                    .await?;
+            }
+            Backend::Remote(client) => {
+                for port in host_ports {
+                    client.remove_forward(name, *port).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the egress policy of sandbox `name`; returns the policy in
+    /// force afterwards.
+    pub async fn set_egress(
+        &self,
+        name: &str,
+        egress: EgressPolicy,
+    ) -> anyhow::Result<EgressPolicy> {
+        match self {
+            Backend::Local(manager) => Ok(manager.set_egress(name, egress).await?.egress),
+            Backend::Remote(client) => client.set_egress(name, egress).await,
         }
     }
 

@@ -13,7 +13,11 @@ use arrakis_api::wire::fs::{ChmodBody, Entry, Extracted, Listing, MkdirBody, Wri
 use arrakis_api::wire::snapshots::{
     ForkRequest, RollbackRequest, Snapshot, SnapshotList, SnapshotRequest,
 };
-use arrakis_api::wire::{ErrorBody, StartVmRequest, Success, UpdateStateRequest, Vm, VmList};
+use arrakis_api::wire::{
+    AddForwardsRequest, EgressRequest, ErrorBody, PortForward, PortForwardRequest, StartVmRequest,
+    Success, UpdateStateRequest, Vm, VmList,
+};
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest};
 use arrakis_runtime::ForkSource;
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
@@ -212,6 +216,9 @@ impl Client {
             image: new.image,
             env: (!new.env.is_empty()).then_some(new.env),
             cold_boot: new.cold_boot.then_some(true),
+            port_forwards: (!new.forwards.is_empty())
+                .then(|| new.forwards.into_iter().map(forward_request).collect()),
+            egress: new.egress,
             ..StartVmRequest::default()
         };
         self.json(self.request(Method::POST, &["vms"]).json(&body))
@@ -290,6 +297,56 @@ impl Client {
     pub async fn destroy_all(&self) -> anyhow::Result<()> {
         let _: Success = self.json(self.request(Method::DELETE, &["vms"])).await?;
         Ok(())
+    }
+
+    /// `POST /v1/vms/{name}/portForwards`; the forwards added are those
+    /// on host ports the VM did not have before.
+    pub async fn add_forwards(
+        &self,
+        name: &str,
+        requests: Vec<ForwardRequest>,
+    ) -> anyhow::Result<Vec<PortForward>> {
+        let before = self.get_vm(name).await?.port_forwards;
+        let body = AddForwardsRequest {
+            port_forwards: requests.into_iter().map(forward_request).collect(),
+        };
+        let after: Vm = self
+            .json(
+                self.request(Method::POST, &["vms", name, "portForwards"])
+                    .json(&body),
+            )
+            .await?;
+        Ok(new_forwards(&before, after.port_forwards))
+    }
+
+    /// `DELETE /v1/vms/{name}/portForwards?hostPort=N`.
+    pub async fn remove_forward(&self, name: &str, host_port: u16) -> anyhow::Result<()> {
+        let port = host_port.to_string();
+        let request = self.path_query(
+            Method::DELETE,
+            name,
+            &["portForwards"],
+            &[("hostPort", &port)],
+        );
+        let _: Vm = self.json(request).await?;
+        Ok(())
+    }
+
+    /// `PUT /v1/vms/{name}/egress`; returns the policy the VM reports.
+    pub async fn set_egress(
+        &self,
+        name: &str,
+        egress: EgressPolicy,
+    ) -> anyhow::Result<EgressPolicy> {
+        let body = EgressRequest { egress };
+        let vm: Vm = self
+            .json(
+                self.request(Method::PUT, &["vms", name, "egress"])
+                    .json(&body),
+            )
+            .await?;
+        vm.egress
+            .with_context(|| format!("the server reports no egress policy for VM {name:?}"))
     }
 
     /// `POST /v1/vms/{name}/exec` as server-sent events.
@@ -535,6 +592,22 @@ impl Client {
             .await?;
         Ok(())
     }
+}
+
+fn forward_request(request: ForwardRequest) -> PortForwardRequest {
+    PortForwardRequest {
+        guest_port: request.guest_port,
+        host_port: request.host_port,
+        description: (!request.description.is_empty()).then_some(request.description),
+    }
+}
+
+/// The forwards of `after` on host ports that no forward of `before` had.
+fn new_forwards(before: &[PortForward], after: Vec<PortForward>) -> Vec<PortForward> {
+    after
+        .into_iter()
+        .filter(|forward| !before.iter().any(|old| old.host_port == forward.host_port))
+        .collect()
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
@@ -815,6 +888,46 @@ mod tests {
                 ],
                 "cut at {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn added_forwards_are_those_on_new_host_ports() {
+        let forward = |host: &str, guest: &str| PortForward {
+            host_port: host.into(),
+            guest_port: guest.into(),
+            description: String::new(),
+        };
+        let before = [forward("8080", "80")];
+        let after = vec![
+            forward("8080", "80"),
+            forward("40001", "22"),
+            forward("8081", "80"),
+        ];
+        assert_eq!(
+            new_forwards(&before, after),
+            [forward("40001", "22"), forward("8081", "80")]
+        );
+    }
+
+    /// What the server reads from a request is what was asked.
+    #[test]
+    fn forward_requests_reach_the_server_unchanged() {
+        for asked in [
+            ForwardRequest {
+                host_port: None,
+                guest_port: 22,
+                description: String::new(),
+            },
+            ForwardRequest {
+                host_port: Some(8080),
+                guest_port: 80,
+                description: "web = é".into(),
+            },
+        ] {
+            let sent = serde_json::to_string(&forward_request(asked.clone())).unwrap();
+            let read: PortForwardRequest = serde_json::from_str(&sent).unwrap();
+            assert_eq!(read.into_runtime(), asked, "{sent}");
         }
     }
 

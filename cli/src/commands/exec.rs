@@ -173,7 +173,7 @@ pub async fn run(backend: &Backend, args: RunArgs) -> anyhow::Result<u8> {
     let name = args.name.clone().unwrap_or_else(generated_name);
     let body = body(&args.options, &args.command)?;
     backend
-        .create(new_vm(&name, &args.size))
+        .create(new_vm(&name, &args.size, &args.net))
         .await
         .with_context(|| format!("creating sandbox {name:?}"))?;
     let result = stream(backend, &name, body, args.options.interactive, false).await;

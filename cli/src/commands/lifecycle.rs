@@ -8,12 +8,12 @@ use arrakis_runtime::ForkSource;
 
 use crate::backend::{Backend, Change, NewVm};
 use crate::cli::{
-    CreateArgs, ForkArgs, RestoreArgs, RollbackArgs, SizeArgs, SnapshotArgs, SnapshotsArgs,
-    SnapshotsVerb, StartArgs,
+    CreateArgs, ForkArgs, NetArgs, RestoreArgs, RollbackArgs, SizeArgs, SnapshotArgs,
+    SnapshotsArgs, SnapshotsVerb, StartArgs,
 };
 use crate::output;
 
-pub fn new_vm(name: &str, size: &SizeArgs) -> NewVm {
+pub fn new_vm(name: &str, size: &SizeArgs, net: &NetArgs) -> NewVm {
     NewVm {
         name: name.to_string(),
         vcpus: size.vcpus,
@@ -21,6 +21,8 @@ pub fn new_vm(name: &str, size: &SizeArgs) -> NewVm {
         image: size.image.clone(),
         env: BTreeMap::new(),
         cold_boot: size.cold_boot,
+        forwards: net.publish.clone(),
+        egress: net.egress.clone(),
     }
 }
 
@@ -37,7 +39,7 @@ pub fn env_pairs(pairs: &[String], flag: &str) -> anyhow::Result<BTreeMap<String
 }
 
 pub async fn create(backend: &Backend, args: CreateArgs, json: bool) -> anyhow::Result<u8> {
-    let mut new = new_vm(&args.name, &args.size);
+    let mut new = new_vm(&args.name, &args.size, &args.net);
     new.env = env_pairs(&args.env, "--env")?;
     output::vm(&backend.create(new).await?, json)?;
     Ok(0)
@@ -65,12 +67,12 @@ pub async fn start(backend: &Backend, args: StartArgs, json: bool) -> anyhow::Re
     let name = args.name.get();
     let vm = match &args.snapshot {
         Some(snapshot) => {
-            if args.size.is_set() {
-                bail!("--vcpus, --memory and --image cannot be given with -s/--snapshot: a restored sandbox has its snapshot's");
+            if args.size.is_set() || args.net.is_set() {
+                bail!("--vcpus, --memory, --image, --cold-boot, -p/--publish and --egress cannot be given with -s/--snapshot: a restored sandbox has its snapshot's (change its forwards and egress afterwards with `arrakis port` and `arrakis egress`)");
             }
             backend.restore(name, snapshot).await?
         }
-        None => backend.start(new_vm(name, &args.size)).await?,
+        None => backend.start(new_vm(name, &args.size, &args.net)).await?,
     };
     output::vm(&vm, json)?;
     Ok(0)
@@ -117,7 +119,7 @@ pub async fn list(backend: &Backend, name: Option<&str>, json: bool) -> anyhow::
 }
 
 pub async fn get(backend: &Backend, name: &str, json: bool) -> anyhow::Result<u8> {
-    output::vm(&backend.get(name).await?, json)?;
+    output::vm_details(&backend.get(name).await?, json)?;
     Ok(0)
 }
 

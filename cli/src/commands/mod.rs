@@ -6,6 +6,7 @@ mod cp;
 mod exec;
 mod fs;
 mod lifecycle;
+mod network;
 mod serve;
 
 use anyhow::Context;
@@ -65,6 +66,8 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Verb::Fork(fork) => lifecycle::fork(backend, fork, json).await,
         Verb::Rollback(rollback) => lifecycle::rollback(backend, rollback, json).await,
         Verb::Snapshots(snapshots) => lifecycle::snapshots(backend, snapshots, json).await,
+        Verb::Port(verb) => network::port(backend, verb, json).await,
+        Verb::Egress(egress) => network::egress(backend, egress, json).await,
         Verb::Completions { .. } | Verb::Serve(_) => unreachable!("handled above"),
     }
 }

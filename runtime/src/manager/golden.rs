@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::network::NetPlan;
+
 use super::{Manager, SandboxInfo, SnapshotInfo};
 use crate::error::RuntimeError;
 use crate::store::{SandboxRecord, Store};
@@ -178,6 +180,7 @@ impl Manager {
         }
         field(&record.vcpus.to_string());
         field(&record.memory_mb.to_string());
+        field(self.inner.net_mode.as_str());
         Some(hex(&hasher.finalize()))
     }
 
@@ -189,6 +192,7 @@ impl Manager {
         &self,
         record: &SandboxRecord,
         key: &str,
+        plan: &NetPlan,
     ) -> Result<Option<SandboxInfo>, RuntimeError> {
         let Some(golden) = self.inner.store.golden_snapshot(key)? else {
             return Ok(None);
@@ -203,7 +207,23 @@ impl Manager {
         let mut record = record.clone();
         record.disk_layer = Some(super::lifecycle::new_id()?);
         let started = std::time::Instant::now();
-        match self.install_restored(record, &golden, snap_lock).await {
+        // The key covers the network mode: a golden snapshot has a NIC of
+        // this mode (or, from before networking, none: then it is stale).
+        let plan = match &golden.network {
+            Some(net) if net.mode == plan.mode => plan.clone(),
+            _ => {
+                drop(snap_lock);
+                tracing::info!(golden = %golden.id, "golden snapshot has another NIC; replacing it");
+                if let Err(error) = self.delete_snapshot_record(golden).await {
+                    tracing::warn!(error = %error.chain(), "cannot delete the golden snapshot");
+                }
+                return Ok(None);
+            }
+        };
+        match self
+            .install_restored(record, &golden, snap_lock, Some(plan))
+            .await
+        {
             Ok(info) => {
                 tracing::info!(
                     golden = %golden.id,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arrakis_protocol::ConfigureRequest;
 
+use super::network::NetPlan;
 use super::{
     create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
     SandboxInfo,
@@ -35,13 +36,13 @@ impl Manager {
         &self,
         spec: SandboxSpec,
     ) -> Result<SandboxInfo, RuntimeError> {
-        let record = self.validate_new(&spec)?;
+        let (record, plan) = self.validate_new(&spec)?;
         let golden_key = match spec.cold_boot {
             true => None,
             false => self.golden_key(&record).await,
         };
         if let Some(key) = &golden_key {
-            if let Some(info) = self.warm_create(&record, key).await? {
+            if let Some(info) = self.warm_create(&record, key, &plan).await? {
                 return Ok(info);
             }
         }
@@ -71,6 +72,7 @@ impl Manager {
             None => spec::hostname_for(&record.name),
         };
         let result = async {
+            self.attach_network(&mut record, plan).await?;
             self.provision(&record).await?;
             self.boot_as(&mut record, hostname).await?;
             if let Some(key) = &golden_key {
@@ -98,7 +100,7 @@ impl Manager {
     }
 
     /// Checks the request and the host's artifacts; nothing is created.
-    fn validate_new(&self, spec: &SandboxSpec) -> Result<SandboxRecord, RuntimeError> {
+    fn validate_new(&self, spec: &SandboxSpec) -> Result<(SandboxRecord, NetPlan), RuntimeError> {
         let config = &self.inner.config;
         let resolved = spec::resolve(spec, config).map_err(|e| RuntimeError::InvalidArgument {
             field: e.field,
@@ -127,7 +129,8 @@ impl Manager {
                 })
             }
         };
-        Ok(SandboxRecord {
+        let plan = self.plan_for(resolved.egress, resolved.forwards)?;
+        let record = SandboxRecord {
             name: resolved.name,
             id: new_id()?,
             vcpus: resolved.vcpus,
@@ -142,7 +145,9 @@ impl Manager {
             env: resolved.env,
             disk_layer: Some(new_id()?),
             from_snapshot: None,
-        })
+            network: None,
+        };
+        Ok((record, plan))
     }
 
     fn available_images(&self) -> Vec<String> {
@@ -209,6 +214,7 @@ impl Manager {
             initramfs: config.initramfs.clone(),
             accel: self.inner.accel.clone(),
             extra_kernel_args: config.extra_kernel_args.clone(),
+            network: self.vm_network(record),
         }
     }
 
@@ -228,6 +234,7 @@ impl Manager {
     ) -> Result<(), RuntimeError> {
         let running = self.check(record, Operation::Booted)?;
         self.prepare_ram(&record.id)?;
+        self.prepare_host_network(record).await?;
         let mut vm_spec = self.vm_spec(record);
         vm_spec.hostname = hostname;
         let vm = self
@@ -529,6 +536,7 @@ impl Manager {
         }
         let dead = self.inner.store.delete(&record.name, &record.id)?;
         self.remove_layers(&dead);
+        self.release_host_network(record).await;
         remove_file_if_exists(&self.inner.layout.lock_file(&record.id));
         Ok(())
     }

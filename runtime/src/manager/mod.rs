@@ -20,6 +20,7 @@
 mod fork;
 mod golden;
 mod lifecycle;
+mod network;
 mod reconcile;
 mod snapshot;
 
@@ -38,6 +39,7 @@ use crate::config::RuntimeConfig;
 use crate::error::RuntimeError;
 use crate::layout::StateLayout;
 use crate::lock::{LockError, SandboxLock};
+use crate::network::{NetMode, PortForward, SandboxNet};
 use crate::sandbox::{Operation, SandboxState};
 use crate::spec::SandboxSpec;
 use crate::store::{SandboxRecord, Store, StoreError};
@@ -72,6 +74,10 @@ pub struct SandboxInfo {
     /// The snapshot it was last restored, forked or rolled back from
     /// (which may since be deleted); `None` if it was cold-created.
     pub from_snapshot: Option<String>,
+    /// Its NIC (`None`: restored from a snapshot taken before networking).
+    pub network: Option<SandboxNet>,
+    /// Host ports that reach it, by host port.
+    pub forwards: Vec<PortForward>,
 }
 
 /// The agent session of one sandbox, connected on first use.
@@ -92,6 +98,8 @@ struct Inner {
     agents: Mutex<HashMap<String, AgentSlot>>,
     /// Digests of the files golden snapshots are keyed on.
     digests: golden::DigestCache,
+    /// How new sandboxes are networked.
+    net_mode: NetMode,
 }
 
 impl Manager {
@@ -125,6 +133,7 @@ impl Manager {
             create_private_dir(&dir)?;
         }
         let store = Store::open(&layout.database())?;
+        let net_mode = network::choose_mode(config.network.mode)?;
         let manager = Manager {
             inner: Arc::new(Inner {
                 config,
@@ -134,9 +143,11 @@ impl Manager {
                 vmm,
                 agents: Mutex::new(HashMap::new()),
                 digests: golden::DigestCache::default(),
+                net_mode,
             }),
         };
         manager.reconcile_all().await?;
+        manager.reconcile_network().await?;
         Ok(manager)
     }
 
@@ -378,6 +389,11 @@ impl Manager {
             console_log: self.inner.layout.sandbox_dir(&record.id).console_log(),
             env: record.env.clone(),
             from_snapshot: record.from_snapshot.clone(),
+            network: record.network.clone(),
+            forwards: match record.network {
+                Some(_) => self.inner.store.forwards(&record.id).unwrap_or_default(),
+                None => Vec::new(),
+            },
         }
     }
 

@@ -104,7 +104,7 @@ impl Manager {
         }
         match self.reconcile_one(&record.name, false).await? {
             Reconciled::Busy => Ok(Some(record)),
-            Reconciled::Done(current) => Ok(current),
+            Reconciled::Done(current) => Ok(current.map(|r| *r)),
         }
     }
 
@@ -150,7 +150,7 @@ impl Manager {
                 return Ok(Reconciled::Done(None));
             }
         }
-        Ok(Reconciled::Done(Some(record)))
+        Ok(Reconciled::Done(Some(Box::new(record))))
     }
 
     async fn observe(&self, record: &SandboxRecord, ask_vmm: bool) -> Observed {
@@ -327,7 +327,7 @@ pub(super) enum Reconciled {
     /// Another holder has the lock.
     Busy,
     /// The record after reconciliation (`None`: removed).
-    Done(Option<SandboxRecord>),
+    Done(Option<Box<SandboxRecord>>),
 }
 
 #[cfg(test)]

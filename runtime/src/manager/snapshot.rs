@@ -62,6 +62,7 @@ use arrakis_protocol::ConfigureRequest;
 use serde::Serialize;
 
 use super::lifecycle::{new_id, random_bytes, require_file};
+use super::network::NetPlan;
 use super::{
     create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
     SandboxInfo,
@@ -71,6 +72,7 @@ use crate::agent::{AgentClient, WriteOptions};
 use crate::error::RuntimeError;
 use crate::lock::{LockError, SandboxLock};
 use crate::memfile;
+use crate::network::NetMode;
 use crate::sandbox::{Operation, SandboxState};
 use crate::spec;
 use crate::store::{NewLayer, SandboxRecord, SnapshotRecord, SnapshotState, StoreError};
@@ -217,6 +219,7 @@ impl Manager {
             parent_snapshot: record.from_snapshot.clone(),
             state_format: StateFormat::Devices,
             golden_key,
+            network: self.snapshot_net(record),
         };
         if let Err(error) = self.inner.store.begin_snapshot(&snap) {
             remove_file_if_exists(&snap_lock_path);
@@ -568,18 +571,22 @@ impl Manager {
             env: snap.env.clone(),
             disk_layer: Some(new_id()?),
             from_snapshot: Some(snap.id.clone()),
+            network: None,
         };
-        self.install_restored(record, &snap, snap_lock).await
+        let plan = snap.network.as_ref().map(NetPlan::from_snapshot);
+        self.install_restored(record, &snap, snap_lock, plan).await
     }
 
     /// Records `record`, a new sandbox on snapshot `snap` (whose shared lock
-    /// is `snap_lock`), and boots it from the snapshot. On failure nothing
-    /// of it is left.
+    /// is `snap_lock`), gives it the network of `plan` (which must be
+    /// `Some` exactly when the snapshot had a NIC), and boots it from the
+    /// snapshot. On failure nothing of it is left.
     pub(super) async fn install_restored(
         &self,
         record: SandboxRecord,
         snap: &SnapshotRecord,
         snap_lock: SandboxLock,
+        plan: Option<NetPlan>,
     ) -> Result<SandboxInfo, RuntimeError> {
         let new_name = record.name.as_str();
         let config = &self.inner.config;
@@ -604,7 +611,14 @@ impl Manager {
         }
         tracing::info!(id = %record.id, snapshot = %snap.id, "restoring sandbox");
         let mut record = record;
-        match self.boot_restored(&mut record, snap, snap_lock).await {
+        let result = async {
+            if let Some(plan) = plan {
+                self.attach_network(&mut record, plan).await?;
+            }
+            self.boot_restored(&mut record, snap, snap_lock).await
+        }
+        .await;
+        match result {
             Ok(()) => {
                 drop(lock);
                 Ok(self.info(&record))
@@ -717,6 +731,8 @@ impl Manager {
         };
         tokio::try_join!(overlay, link)?;
         let copied = started.elapsed();
+        check_same_nic(record, snap)?;
+        self.prepare_host_network(record).await?;
         let mut spec = self.vm_spec(record);
         spec.memory = GuestMemory::Private(base);
         spec.incoming = Some(snap.state_format);
@@ -773,8 +789,8 @@ impl Manager {
     /// What makes a clone its own machine: the wall clock of now (the
     /// guest's stopped at the snapshot), its own hostname, entropy its
     /// siblings do not share, and a fresh `/etc/machine-id` (32 hex digits,
-    /// the systemd format) so that tools keyed on it tell clones apart. The agent's `Configure` also takes network
-    /// settings; there is no guest network yet.
+    /// the systemd format) so that tools keyed on it tell clones apart, and
+    /// its own address and MAC (the NIC's device state is its parent's).
     async fn fix_up_clone(
         &self,
         record: &SandboxRecord,
@@ -786,7 +802,7 @@ impl Manager {
         };
         let configure = ConfigureRequest {
             hostname: Some(spec::hostname_for(&record.name)),
-            network: None,
+            network: self.guest_network(record),
             entropy: Some(random_bytes(CLONE_ENTROPY)?),
         };
         let now = SystemTime::now()
@@ -937,6 +953,29 @@ fn cannot_freeze(error: &crate::agent::AgentError) -> bool {
 
 /// True when `path` starts with the qcow2 magic (a complete image header
 /// is written at once by `qemu-img`/QEMU).
+/// A restore recreates exactly the devices that were saved: the sandbox
+/// must have a NIC of the snapshot's mode, or none if the snapshot had none.
+fn check_same_nic(record: &SandboxRecord, snap: &SnapshotRecord) -> Result<(), RuntimeError> {
+    let ours = record.network.as_ref().map(|n| n.mode);
+    let theirs = snap.network.as_ref().map(|n| n.mode);
+    if ours == theirs {
+        return Ok(());
+    }
+    let describe = |mode: Option<NetMode>| match mode {
+        Some(mode) => format!("a {mode}-mode NIC"),
+        None => "no NIC".to_string(),
+    };
+    Err(RuntimeError::SnapshotIncompatible {
+        id: snap.id.clone(),
+        reason: format!(
+            "it has {}, and sandbox {:?} has {}",
+            describe(theirs),
+            record.name,
+            describe(ours)
+        ),
+    })
+}
+
 fn is_qcow2(path: &Path) -> bool {
     let mut magic = [0u8; 4];
     std::fs::File::open(path)

@@ -12,7 +12,7 @@ use super::*;
 use crate::accel::HostFacts;
 use crate::error::ErrorKind;
 use crate::store::{NewLayer, SnapshotRecord, SnapshotState, Store};
-use crate::vmm::{QmpError, StateFormat, VmSpec, VmStatus, VmmError};
+use crate::vmm::{HostForward, QmpError, StateFormat, VmSpec, VmStatus, VmmError};
 
 /// Pretends processes with the listed pids run in the listed states.
 #[derive(Default)]
@@ -27,6 +27,8 @@ struct FakeVmm {
     disks: Mutex<HashMap<u32, PathBuf>>,
     /// Run-state changes and snapshot steps, in order.
     calls: Mutex<Vec<String>>,
+    /// User-mode forwards opened (true) and closed at runtime.
+    forwards: Mutex<Vec<(HostForward, bool)>>,
 }
 
 impl FakeVmm {
@@ -133,6 +135,16 @@ impl Vmm for FakeVmm {
         Ok(self.disks.lock().unwrap().get(&vm.pid).cloned())
     }
 
+    async fn host_forward(
+        &self,
+        _vm: &VmHandle,
+        forward: HostForward,
+        add: bool,
+    ) -> Result<(), VmmError> {
+        self.forwards.lock().unwrap().push((forward, add));
+        Ok(())
+    }
+
     async fn quit(&self, vm: &VmHandle) -> Result<(), VmmError> {
         self.kill(vm).await
     }
@@ -155,6 +167,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mut config = RuntimeConfig::with_home(dir.path());
         config.warm_start = false;
+        config.network.mode = crate::network::NetModeConfig::User;
         config.accel = crate::config::AccelMode::Tcg;
         config.ram_dir = Some(dir.path().join("ram"));
         for path in [&config.kernel, &config.initramfs] {
@@ -189,6 +202,7 @@ impl Fixture {
             env: BTreeMap::new(),
             disk_layer: None,
             from_snapshot: None,
+            network: None,
         }
     }
 
@@ -725,6 +739,7 @@ async fn an_interrupted_snapshot_is_repaired_at_open() {
             parent_snapshot: None,
             state_format: StateFormat::Devices,
             golden_key: None,
+            network: None,
         };
         fx.store().begin_snapshot(&snap).unwrap();
         let dir = fx.layout().snapshot_dir(&snap.dir);
@@ -945,7 +960,7 @@ async fn a_failed_rollback_leaves_the_sandbox_stopped_on_the_snapshot() {
         .execute(
             "INSERT INTO snapshots SELECT 'other', 'ffffffffffffffff', state, sandbox,
                     sandbox_id, vcpus, memory_mb * 2, image, image_path, env, accel, layer,
-                    next_layer, created_at, parent_snapshot, state_format, golden_key
+                    next_layer, created_at, parent_snapshot, state_format, golden_key, network
              FROM snapshots WHERE id = 's'",
             [],
         )

@@ -15,6 +15,7 @@
 pub mod qemu;
 mod qmp;
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 
 use crate::accel::Accel;
 use crate::layout::SandboxDir;
+use crate::network::Ipv4Net;
 
 pub use qmp::QmpError;
 
@@ -51,6 +53,8 @@ pub enum VmmError {
         #[source]
         source: QmpError,
     },
+    #[error("QEMU refused `{command}`: {reply}")]
+    Monitor { command: String, reply: String },
     #[error("QEMU process {pid} did not exit after SIGKILL")]
     Unkillable { pid: u32 },
     #[error("cannot {op} {path}")]
@@ -82,6 +86,45 @@ pub struct VmSpec {
     pub incoming: Option<StateFormat>,
     pub accel: Accel,
     pub extra_kernel_args: Vec<String>,
+    /// The NIC, if the VM has one. Snapshots record whether it had: a
+    /// restore must recreate exactly the devices that were saved.
+    pub network: Option<VmNetwork>,
+}
+
+/// The guest's NIC and how the host side of it works.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNetwork {
+    pub mac: String,
+    /// The guest's address and prefix (passed on the kernel command line).
+    pub address: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub nameserver: Ipv4Addr,
+    pub backend: NetBackend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A tap device arrakis created on its bridge.
+    Tap { tap: String },
+    /// QEMU's user networking (slirp).
+    User {
+        /// The guest's view of the network: slirp's `net`, `host`
+        /// (gateway) and `dns`.
+        subnet: Ipv4Net,
+        dns: Ipv4Addr,
+        /// No connection out of the guest (its forwards still work).
+        restrict: bool,
+        /// Forwards opened with the VM.
+        forwards: Vec<HostForward>,
+    },
+}
+
+/// A user-mode forward: TCP on every host address at `host_port` to the
+/// guest's `guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostForward {
+    pub host_port: u16,
+    pub guest: std::net::SocketAddrV4,
 }
 
 /// Guest RAM is always a file, so that a snapshot never pushes it through
@@ -195,4 +238,11 @@ pub trait Vmm: Send + Sync {
     ) -> Result<(), VmmError>;
     /// The file the VM writes its disk to now, if the VMM says.
     async fn active_disk(&self, vm: &VmHandle) -> Result<Option<PathBuf>, VmmError>;
+    /// Opens (`add`) or closes a user-mode forward of a running VM.
+    async fn host_forward(
+        &self,
+        vm: &VmHandle,
+        forward: HostForward,
+        add: bool,
+    ) -> Result<(), VmmError>;
 }

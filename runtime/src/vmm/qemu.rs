@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{qmp, GuestMemory, StateFormat, VmHandle, VmSpec, VmStatus, Vmm, VmmError};
+use super::{
+    qmp, GuestMemory, HostForward, NetBackend, StateFormat, VmHandle, VmNetwork, VmSpec, VmStatus,
+    Vmm, VmmError,
+};
 use crate::process;
 
 /// Name of the virtio-serial port the guest agent looks for.
@@ -65,6 +68,11 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
         .map(|s| s.to_string())
         .collect();
     args.push(format!("arrakis.hostname={}", spec.hostname));
+    if let Some(net) = &spec.network {
+        args.push(format!("arrakis.ip={}", net.address));
+        args.push(format!("arrakis.gw={}", net.gateway));
+        args.push(format!("arrakis.dns={}", net.nameserver));
+    }
     args.extend(spec.accel.kernel_args());
     args.extend(spec.extra_kernel_args.iter().cloned());
     args.join(" ")
@@ -122,6 +130,12 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         "virtio-serial-device".into(),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+    ]);
+    if let Some(net) = &spec.network {
+        args.extend(["-netdev".into(), netdev(net), "-device".into()]);
+        args.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
+    }
+    args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", opt(&dir.qmp_socket())),
         "-chardev".into(),
@@ -141,6 +155,43 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         }
     }
     args.into_iter().map(OsString::from).collect()
+}
+
+/// The `-netdev` of the NIC, id `net0`.
+fn netdev(net: &VmNetwork) -> String {
+    match &net.backend {
+        NetBackend::Tap { tap } => {
+            format!("tap,id=net0,ifname={tap},script=no,downscript=no")
+        }
+        NetBackend::User {
+            subnet,
+            dns,
+            restrict,
+            forwards,
+        } => {
+            let mut value = format!(
+                "user,id=net0,net={},host={},dns={dns},ipv6=off,restrict={}",
+                subnet.trunc(),
+                net.gateway,
+                if *restrict { "on" } else { "off" }
+            );
+            for forward in forwards {
+                value.push_str(&format!(",hostfwd={}", hostfwd_rule(forward)));
+            }
+            value
+        }
+    }
+}
+
+/// `tcp::HOST-GUEST_IP:GUEST` (every host address), as `-netdev user` and
+/// `hostfwd_add` take it.
+fn hostfwd_rule(forward: &HostForward) -> String {
+    format!(
+        "tcp::{}-{}:{}",
+        forward.host_port,
+        forward.guest.ip(),
+        forward.guest.port()
+    )
 }
 
 /// What a new overlay is backed by.
@@ -384,6 +435,32 @@ impl Vmm for Qemu {
             .await
             .map_err(qmp_failed("query-block"))
     }
+
+    async fn host_forward(
+        &self,
+        vm: &VmHandle,
+        forward: HostForward,
+        add: bool,
+    ) -> Result<(), VmmError> {
+        // Only the monitor (HMP) has these; it answers errors as text.
+        let command = match add {
+            true => format!("hostfwd_add net0 {}", hostfwd_rule(&forward)),
+            false => format!("hostfwd_remove net0 tcp::{}", forward.host_port),
+        };
+        let reply = qmp::human(&vm.dir.qmp_socket(), &command)
+            .await
+            .map_err(qmp_failed("human-monitor-command"))?;
+        // Success is silent, or (remove) "host forwarding rule for ... removed".
+        let reply = reply.trim();
+        if reply.is_empty() || reply.contains("removed") {
+            Ok(())
+        } else {
+            Err(VmmError::Monitor {
+                command,
+                reply: reply.to_string(),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -405,6 +482,7 @@ mod tests {
             incoming: None,
             accel,
             extra_kernel_args: vec!["loglevel=4".into()],
+            network: None,
         }
     }
 
@@ -486,7 +564,60 @@ mod tests {
             values_of(&args, "-pidfile"),
             ["/s/sandboxes/0123456789abcdef/qemu.pid"]
         );
-        assert!(!args.iter().any(|a| a.contains("netdev")), "no network yet");
+        assert!(
+            !args.iter().any(|a| a.contains("netdev")),
+            "no NIC asked for"
+        );
+    }
+
+    fn with_nic(backend: NetBackend) -> VmSpec {
+        let mut spec = spec(Accel::Kvm);
+        spec.network = Some(VmNetwork {
+            mac: "02:a5:0a:14:00:03".into(),
+            address: "10.20.0.3/16".parse().unwrap(),
+            gateway: "10.20.0.1".parse().unwrap(),
+            nameserver: "10.20.0.2".parse().unwrap(),
+            backend,
+        });
+        spec
+    }
+
+    #[test]
+    fn a_tap_nic_comes_last_with_its_mac() {
+        let args = args_of(&with_nic(NetBackend::Tap {
+            tap: "ar0123456789abc".into(),
+        }));
+        assert_eq!(
+            values_of(&args, "-netdev"),
+            ["tap,id=net0,ifname=ar0123456789abc,script=no,downscript=no"]
+        );
+        let devices = values_of(&args, "-device");
+        assert_eq!(
+            devices.last().unwrap(),
+            &"virtio-net-device,netdev=net0,mac=02:a5:0a:14:00:03"
+        );
+        let append = values_of(&args, "-append")[0];
+        assert!(
+            append.contains("arrakis.ip=10.20.0.3/16 arrakis.gw=10.20.0.1 arrakis.dns=10.20.0.2"),
+            "{append}"
+        );
+    }
+
+    #[test]
+    fn user_mode_forwards_and_restricts() {
+        let args = args_of(&with_nic(NetBackend::User {
+            subnet: "10.20.0.0/16".parse().unwrap(),
+            dns: "10.20.0.2".parse().unwrap(),
+            restrict: true,
+            forwards: vec![HostForward {
+                host_port: 40001,
+                guest: "10.20.0.3:5901".parse().unwrap(),
+            }],
+        }));
+        assert_eq!(
+            values_of(&args, "-netdev"),
+            ["user,id=net0,net=10.20.0.0/16,host=10.20.0.1,dns=10.20.0.2,ipv6=off,restrict=on,hostfwd=tcp::40001-10.20.0.3:5901"]
+        );
     }
 
     #[test]

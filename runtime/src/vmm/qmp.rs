@@ -243,6 +243,18 @@ pub async fn load_state(
     session.wait_migration(limit).await
 }
 
+/// Runs a human monitor command; returns its text output.
+pub async fn human(path: &Path, command_line: &str) -> Result<String, QmpError> {
+    execute(
+        path,
+        qmp::human_monitor_command {
+            command_line: command_line.to_string(),
+            cpu_index: None,
+        },
+    )
+    .await
+}
+
 /// The file QEMU writes the root drive to now (the top of its chain).
 pub async fn active_disk(path: &Path) -> Result<Option<PathBuf>, QmpError> {
     let devices = execute(path, QueryBlock {}).await?;
