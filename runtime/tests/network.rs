@@ -54,6 +54,16 @@ fn in_new_netns(body: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// [`in_new_netns`], checking that `body` leaves the namespace's
+/// interfaces and nftables tables as it found them.
+fn in_clean_netns(body: impl FnOnce() + Send + 'static) {
+    in_new_netns(|| {
+        let before = host_network();
+        body();
+        assert_eq!(host_network(), before, "nothing left behind");
+    });
+}
+
 fn run_cmd(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
@@ -240,8 +250,7 @@ fn bridge_mode_forwards_isolates_and_enforces_egress() {
     if !is_root() {
         return;
     }
-    in_new_netns(|| {
-        let (links_before, tables_before) = host_network();
+    in_clean_netns(|| {
         let outside = Outside::new();
         // Stands in for the host's own services (the API, say).
         let service = TcpListener::bind("0.0.0.0:0").unwrap();
@@ -329,11 +338,6 @@ fn bridge_mode_forwards_isolates_and_enforces_egress() {
         });
         drop(outside);
         drop(service);
-        assert_eq!(
-            host_network(),
-            (links_before, tables_before),
-            "nothing left behind"
-        );
     });
 }
 
@@ -346,8 +350,7 @@ fn forks_are_distinct_machines_with_their_own_forwards() {
     if !is_root() {
         return;
     }
-    in_new_netns(|| {
-        let (links_before, tables_before) = host_network();
+    in_clean_netns(|| {
         let env = bridge_env();
         run_bounded(TEST_TIMEOUT, "arrakis_runtime=info", async {
             let manager = env.manager().await;
@@ -405,11 +408,6 @@ fn forks_are_distinct_machines_with_their_own_forwards() {
             drop((one, two));
             destroy_all(&manager).await;
         });
-        assert_eq!(
-            host_network(),
-            (links_before, tables_before),
-            "nothing left behind"
-        );
     });
 }
 
@@ -420,8 +418,7 @@ fn a_restart_reconciles_the_host_network() {
     if !is_root() {
         return;
     }
-    in_new_netns(|| {
-        let (links_before, tables_before) = host_network();
+    in_clean_netns(|| {
         let env = bridge_env();
         run_bounded(TEST_TIMEOUT, "arrakis_runtime=info", async {
             let manager = env.manager().await;
@@ -446,11 +443,6 @@ fn a_restart_reconciles_the_host_network() {
             drop(manager);
             env.manager().await;
         });
-        assert_eq!(
-            host_network(),
-            (links_before, tables_before),
-            "nothing left behind"
-        );
     });
 }
 

@@ -332,13 +332,7 @@ impl Manager {
             .store
             .remove_forwards(&record.id, host_ports.as_deref())?;
         match net.mode {
-            NetMode::Bridge => self
-                .sync_rules()
-                .await
-                .map_err(|source| RuntimeError::Network {
-                    name: record.name.clone(),
-                    source,
-                })?,
+            NetMode::Bridge => self.sync_rules_of(&record).await?,
             NetMode::User => {
                 if let Some(vm) = self.running_vm(&record) {
                     for forward in &removed {
@@ -378,12 +372,7 @@ impl Manager {
         self.inner
             .store
             .update_network(&record.name, &record.id, &net)?;
-        self.sync_rules()
-            .await
-            .map_err(|source| RuntimeError::Network {
-                name: record.name.clone(),
-                source,
-            })?;
+        self.sync_rules_of(&record).await?;
         tracing::info!(egress = %net.egress, "egress policy changed");
         Ok(net)
     }
@@ -396,13 +385,7 @@ impl Manager {
         added: &[PortForward],
     ) -> Result<(), RuntimeError> {
         match net.mode {
-            NetMode::Bridge => self
-                .sync_rules()
-                .await
-                .map_err(|source| RuntimeError::Network {
-                    name: record.name.clone(),
-                    source,
-                }),
+            NetMode::Bridge => self.sync_rules_of(record).await,
             NetMode::User => {
                 let Some(vm) = self.running_vm(record) else {
                     // Opened with the VM at its next boot.
@@ -428,6 +411,17 @@ impl Manager {
     fn running_vm(&self, record: &SandboxRecord) -> Option<crate::vmm::VmHandle> {
         record.state.on(Operation::Snapshot).ok()?;
         self.handle(record).filter(|vm| self.inner.vmm.is_alive(vm))
+    }
+
+    /// [`Manager::sync_rules`] after a change to `record`, whose name a
+    /// failure carries.
+    async fn sync_rules_of(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
+        self.sync_rules()
+            .await
+            .map_err(|source| RuntimeError::Network {
+                name: record.name.clone(),
+                source,
+            })
     }
 
     /// Re-applies the bridge-mode rules from the store.
