@@ -482,6 +482,62 @@ async fn a_failed_create_leaves_nothing() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A create in user mode launches a NIC with the leased address, its MAC,
+/// the forwards and (egress denied) `restrict`; when the boot fails, the
+/// address and ports are leased again by the next create.
+#[tokio::test]
+async fn user_mode_creates_launch_a_nic_and_release_it_on_failure() {
+    use crate::network::{EgressPolicy, ForwardRequest};
+    use crate::vmm::NetBackend;
+    let fx = Fixture::new();
+    let vmm = FakeVmm::with(&[]);
+    let manager = fx.open(vmm.clone()).await;
+    assert_eq!(manager.network_mode(), crate::network::NetMode::User);
+    let mut spec = SandboxSpec::named("box");
+    spec.egress = Some(EgressPolicy::DenyAll);
+    spec.forwards = vec![ForwardRequest {
+        host_port: None,
+        guest_port: 8000,
+        description: "web".into(),
+    }];
+    for _ in 0..2 {
+        manager.create(spec.clone()).await.unwrap_err();
+    }
+    let launched = vmm.launched.lock().unwrap().clone();
+    assert_eq!(launched.len(), 2);
+    assert_eq!(launched[0].network, launched[1].network, "leases came back");
+    let net = launched[0].network.clone().expect("a NIC");
+    assert_eq!(net.address.to_string(), "10.20.0.3/16");
+    assert_eq!(net.mac, "02:a5:0a:14:00:03");
+    assert_eq!(
+        net.nameserver.to_string(),
+        "127.0.0.1",
+        "no resolver when denied"
+    );
+    let NetBackend::User {
+        restrict, forwards, ..
+    } = net.backend
+    else {
+        panic!("not user mode: {:?}", net.backend)
+    };
+    assert!(restrict);
+    // The six configured defaults, then ours.
+    assert_eq!(forwards.len(), 7);
+    assert_eq!(forwards[6].guest.to_string(), "10.20.0.3:8000");
+    let cmdline = crate::vmm::qemu::kernel_cmdline(&launched[0]);
+    assert!(cmdline.contains("arrakis.ip=10.20.0.3/16"), "{cmdline}");
+
+    spec.egress = Some(EgressPolicy::AllowList(vec!["10.0.0.0/8".parse().unwrap()]));
+    let err = manager.create(spec).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("bridge"), "{err}");
+    assert_eq!(
+        vmm.launched.lock().unwrap().len(),
+        2,
+        "refused before a launch"
+    );
+}
+
 #[tokio::test]
 async fn a_name_never_reaches_the_kernel_command_line() {
     let fx = Fixture::new();
