@@ -147,7 +147,12 @@ impl Manager {
             }),
         };
         manager.reconcile_all().await?;
-        manager.reconcile_network().await?;
+        // A failed apply leaves the kernel's previous ruleset in place (nft
+        // transactions are atomic); the next change or start-up retries.
+        // Refusing to open would block every operation on the sandboxes.
+        if let Err(error) = manager.reconcile_network().await {
+            tracing::warn!(error = %error.chain(), "cannot bring the host network in line with the state");
+        }
         Ok(manager)
     }
 
