@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     config.state_dir = state.path().to_path_buf();
     // Cold starts are what this measures (benches/snapshot.rs: warm ones).
     config.warm_start = false;
+    common::quiet_network(&mut config);
     runtime.block_on(bench(config, runs))
 }
 

@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = RuntimeConfig::from_env()?;
     config.state_dir = state.path().join("state");
     config.warm_start = false;
+    common::quiet_network(&mut config);
     runtime.block_on(bench(config, state.path(), runs))
 }
 

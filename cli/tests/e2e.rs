@@ -33,7 +33,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(common::bin());
+        let mut cmd = common::command();
         cmd.arg("--state-dir")
             .arg(self.state.path())
             .args(args)

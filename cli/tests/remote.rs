@@ -32,7 +32,7 @@ impl Server {
             .prefix("arrakis-remote")
             .tempdir()
             .unwrap();
-        let mut child = Command::new(common::bin())
+        let mut child = common::command()
             .arg("--state-dir")
             .arg(state.path())
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -89,7 +89,7 @@ impl Server {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(common::bin());
+        let mut cmd = common::command();
         cmd.arg("--server")
             .arg(&self.url)
             .args(args)
@@ -135,7 +135,7 @@ impl Drop for Server {
             let _ = child.wait();
         }
         // Sandboxes outlive the server: clean up in-process as well.
-        if let Ok(child) = Command::new(common::bin())
+        if let Ok(child) = common::command()
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("destroy-all")
@@ -187,7 +187,7 @@ fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 #[test]
 fn an_unreachable_server_is_named_with_a_hint() {
     // Port 1 on loopback: nothing listens there.
-    let out = Command::new(common::bin())
+    let out = common::command()
         .args(["--server", "http://127.0.0.1:1", "list-all"])
         .output()
         .unwrap();
@@ -198,7 +198,7 @@ fn an_unreachable_server_is_named_with_a_hint() {
             && stderr.contains("(is 'arrakis serve' running?)"),
         "{stderr}"
     );
-    let out = Command::new(common::bin())
+    let out = common::command()
         .args(["--server", "https://127.0.0.1:1", "list-all"])
         .output()
         .unwrap();

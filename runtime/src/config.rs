@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::StateLayout;
-use crate::network::NetworkConfig;
+use crate::network::{EgressPolicy, NetworkConfig};
 use crate::spec;
 
 /// Smallest guest memory accepted, in MiB: below this the kernel and the
@@ -165,7 +165,9 @@ impl RuntimeConfig {
     /// The defaults with the environment applied: `ARRAKIS_HOME`,
     /// `ARRAKIS_STATE_DIR`, `ARRAKIS_RAM_DIR`, `ARRAKIS_ACCEL` (`auto`,
     /// `kvm`, `tcg`), `ARRAKIS_WARM_START` (`true`, `false`),
-    /// `ARRAKIS_NETWORK_MODE` (`auto`, `user`, `bridge`).
+    /// `ARRAKIS_NETWORK_MODE` (`auto`, `user`, `bridge`),
+    /// `ARRAKIS_NETWORK_EGRESS` (`allow`, `deny`, or CIDRs separated by
+    /// commas: the default egress policy).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(|var| std::env::var(var).ok())
     }
@@ -197,6 +199,14 @@ impl RuntimeConfig {
                 value: value.clone(),
                 message,
             })?;
+        }
+        if let Some(value) = env("ARRAKIS_NETWORK_EGRESS").filter(|v| !v.is_empty()) {
+            config.network.egress =
+                EgressPolicy::parse_list(&value).map_err(|message| ConfigError::Env {
+                    var: "ARRAKIS_NETWORK_EGRESS",
+                    value: value.clone(),
+                    message,
+                })?;
         }
         if let Some(value) = env("ARRAKIS_ACCEL").filter(|v| !v.is_empty()) {
             config.accel = value.parse().map_err(|message| ConfigError::Env {
@@ -387,8 +397,14 @@ mod tests {
             ("ARRAKIS_ACCEL", "tcg"),
             ("ARRAKIS_RAM_DIR", "/run/ar-ram"),
             ("ARRAKIS_NETWORK_MODE", "user"),
+            ("ARRAKIS_NETWORK_EGRESS", "deny"),
         ]))
         .unwrap();
+        assert_eq!(config.network.egress, EgressPolicy::DenyAll);
+        let err =
+            RuntimeConfig::from_env_with(env_of(&[("ARRAKIS_NETWORK_EGRESS", "10.0.0.0/40")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("ARRAKIS_NETWORK_EGRESS"), "{err}");
         assert_eq!(config.network.mode, crate::network::NetModeConfig::User);
         assert_eq!(config.resolved_ram_dir(), Path::new("/run/ar-ram"));
         assert_eq!(config.kernel, Path::new("/opt/ar/artifacts/vmlinuz"));

@@ -1223,23 +1223,30 @@ mod tests {
         let id2 = format!("{:016x}", 2);
         let busy_50000 = |port| port != 50000;
         let got = store
-            .add_forwards(&id1, &[ask(None, 80), ask(None, 81)], range, 8, busy_50000)
+            .add_forwards(
+                &id1,
+                &[ask(None, 80), ask(None, 81)],
+                range,
+                50000,
+                8,
+                busy_50000,
+            )
             .unwrap();
         let ports: Vec<u16> = got.iter().map(|f| f.host_port).collect();
         assert_eq!(ports, [50001, 50002], "50000 is busy on the host");
         let err = store
-            .add_forwards(&id2, &[ask(Some(50001), 80)], range, 8, |_| true)
+            .add_forwards(&id2, &[ask(Some(50001), 80)], range, 50000, 8, |_| true)
             .unwrap_err();
         assert!(
             matches!(err, StoreError::PortTaken { port: 50001 }),
             "{err}"
         );
         let err = store
-            .add_forwards(&id2, &[ask(None, 80)], range, 8, busy_50000)
+            .add_forwards(&id2, &[ask(None, 80)], range, 50002, 8, busy_50000)
             .unwrap_err();
         assert!(matches!(err, StoreError::PortsExhausted { .. }), "{err}");
         let err = store
-            .add_forwards(&id1, &[ask(None, 82)], range, 2, |_| true)
+            .add_forwards(&id1, &[ask(None, 82)], range, 50000, 2, |_| true)
             .unwrap_err();
         assert!(matches!(err, StoreError::TooManyForwards { .. }), "{err}");
         // All or nothing: the first of two was not kept.
@@ -1248,6 +1255,7 @@ mod tests {
                 &id2,
                 &[ask(Some(50000), 1), ask(Some(50001), 2)],
                 range,
+                50000,
                 8,
                 |_| true,
             )
@@ -1271,9 +1279,11 @@ mod tests {
             "s1's address is free again"
         );
         let got = store
-            .add_forwards(&record.id, &[ask(None, 80)], range, 8, |_| true)
+            .add_forwards(&record.id, &[ask(None, 80)], range, 50002, 8, |p| {
+                p != 50002
+            })
             .unwrap();
-        assert_eq!(got[0].host_port, 50000);
+        assert_eq!(got[0].host_port, 50000, "wraps around from the start");
         let removed = store
             .remove_forwards(&record.id, Some(&[50000, 50001]))
             .unwrap();

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use arrakis_protocol::{Command, ExecRequest};
-use arrakis_runtime::{ExecEvent, Manager};
+use arrakis_runtime::network::{EgressPolicy, NetModeConfig};
+use arrakis_runtime::{ExecEvent, Manager, RuntimeConfig};
 
 /// What the benchmarks' guests print to show they are up.
 pub const MARKER: &str = "ARRAKIS-BENCH-MARKER";
@@ -30,6 +31,14 @@ pub async fn first_output(manager: &Manager, name: &str) -> anyhow::Result<()> {
             ExecEvent::Exited(status) => anyhow::bail!("echo exited without output: {status:?}"),
         }
     }
+}
+
+/// User-mode networking without egress: these benchmarks measure boots
+/// and snapshots, and must not make bridges or rules in the host's own
+/// namespace (benches/network.rs in the runtime measures networking).
+pub fn quiet_network(config: &mut RuntimeConfig) {
+    config.network.mode = NetModeConfig::User;
+    config.network.egress = EgressPolicy::DenyAll;
 }
 
 pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {

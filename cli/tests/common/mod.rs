@@ -16,6 +16,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_arrakis")
 }
 
+/// The CLI as the tests run it: user-mode networking (the tests run as
+/// root, and a bridge, taps or nftables rules must never be made in the
+/// host's own namespace) with no egress, unless a test says otherwise.
+pub fn command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.env("ARRAKIS_NETWORK_MODE", "user")
+        .env("ARRAKIS_NETWORK_EGRESS", "deny");
+    cmd
+}
+
 /// Waits for a CLI call, but never longer than `CALL_LIMIT`: a hang fails
 /// the test instead of stalling the suite.
 pub fn wait_limited(child: Child, args: &[&str]) -> Output {

@@ -16,7 +16,7 @@ use crate::error::RuntimeError;
 use crate::lock::SandboxLock;
 use crate::network::{
     host, nft, EgressPolicy, ForwardRequest, GuestForward, Mac, NetError, NetMode, NetModeConfig,
-    PortForward, SandboxNet, SnapshotNet, FIRST_SANDBOX_HOST, MAX_FORWARDS,
+    PortForward, PortRange, SandboxNet, SnapshotNet, FIRST_SANDBOX_HOST, MAX_FORWARDS,
 };
 use crate::sandbox::Operation;
 use crate::store::{SandboxRecord, StoreError};
@@ -148,6 +148,7 @@ impl Manager {
                 &id,
                 &plan.forwards,
                 config.host_ports,
+                random_start(config.host_ports),
                 MAX_FORWARDS,
                 port_is_free,
             )
@@ -304,6 +305,7 @@ impl Manager {
                 &record.id,
                 &requests,
                 config.host_ports,
+                random_start(config.host_ports),
                 MAX_FORWARDS,
                 port_is_free,
             )
@@ -527,6 +529,19 @@ impl Manager {
             .await
             .map_err(|e| super::lock_error("network", e))
     }
+}
+
+/// Where to start looking for free host ports: a random port of `range`.
+/// Other state directories (their own leases) or programs may take ports
+/// between our probe and QEMU binding them; starting each search at a
+/// random place makes such collisions rare, where lowest-first made every
+/// manager try the same ports.
+fn random_start(range: PortRange) -> u16 {
+    let random = super::lifecycle::random_bytes(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .unwrap_or(0);
+    let offset = usize::from(random) % range.len();
+    range.first + offset as u16
 }
 
 /// The user-mode forward of `forward` to the sandbox with `net`.

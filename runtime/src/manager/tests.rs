@@ -505,8 +505,17 @@ async fn user_mode_creates_launch_a_nic_and_release_it_on_failure() {
     }
     let launched = vmm.launched.lock().unwrap().clone();
     assert_eq!(launched.len(), 2);
-    assert_eq!(launched[0].network, launched[1].network, "leases came back");
     let net = launched[0].network.clone().expect("a NIC");
+    let again = launched[1].network.clone().expect("a NIC");
+    assert_eq!(
+        (&net.address, &net.mac),
+        (&again.address, &again.mac),
+        "the address came back"
+    );
+    assert!(
+        fx.store().all_forwards().unwrap().is_empty(),
+        "and the host ports"
+    );
     assert_eq!(net.address.to_string(), "10.20.0.3/16");
     assert_eq!(net.mac, "02:a5:0a:14:00:03");
     assert_eq!(

@@ -205,6 +205,23 @@ impl EgressPolicy {
     }
 }
 
+impl EgressPolicy {
+    /// `allow`, `deny`, or IPv4 CIDRs separated by commas (the form of
+    /// command-line flags and environment variables).
+    pub fn parse_list(text: &str) -> Result<EgressPolicy, String> {
+        match text.trim() {
+            "allow" => Ok(EgressPolicy::AllowAll),
+            "deny" => Ok(EgressPolicy::DenyAll),
+            list => list
+                .split(',')
+                .map(|item| item.trim().parse::<Ipv4Net>().map(|net| net.trunc()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(EgressPolicy::AllowList)
+                .map_err(|e| format!("{e}; expected allow, deny or CIDRs separated by commas")),
+        }
+    }
+}
+
 impl Serialize for EgressPolicy {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {

@@ -55,14 +55,16 @@ impl Store {
 
     /// Leases host ports for `requests` to sandbox `id`, all or none: a
     /// given port must be free here (`PortTaken`) and accepted by
-    /// `available` (free on the host); an absent one is the lowest port of
-    /// `range` that is both (`PortsExhausted`). At most `max` forwards in
-    /// all (`TooManyForwards`).
+    /// `available` (free on the host); an absent one is the first port of
+    /// `range` from `start` on (wrapping around) that is both
+    /// (`PortsExhausted`). At most `max` forwards in all
+    /// (`TooManyForwards`).
     pub fn add_forwards(
         &self,
         id: &str,
         requests: &[ForwardRequest],
         range: PortRange,
+        start: u16,
         max: usize,
         available: impl Fn(u16) -> bool,
     ) -> Result<Vec<PortForward>, StoreError> {
@@ -87,9 +89,13 @@ impl Store {
                         return Err(StoreError::PortTaken { port })
                     }
                     Some(port) => port,
-                    None => (range.first..=range.last)
-                        .find(|p| !used.contains(p) && available(*p))
-                        .ok_or(StoreError::PortsExhausted { range })?,
+                    None => {
+                        let start = start.clamp(range.first, range.last);
+                        (start..=range.last)
+                            .chain(range.first..start)
+                            .find(|p| !used.contains(p) && available(*p))
+                            .ok_or(StoreError::PortsExhausted { range })?
+                    }
                 };
                 used.insert(host_port);
                 tx.execute(
