@@ -649,17 +649,28 @@ fn misbehaving_commands_do_not_take_the_agent_down() {
 }
 
 /// A counter that runs in the background after its exec returns: it
-/// rewrites `/root/counter` every 100 ms.
-const START_COUNTER: &str = "printf '#!/bin/sh\\ni=0\\nwhile :; do i=$((i+1)); echo $i > /root/counter; sleep 0.1; done\\n' \
+/// rewrites `/root/counter` every 100 ms, renamed into place, so a reader
+/// never sees the file emptied by a redirection (read as 0, that made a
+/// running counter look stopped once).
+const START_COUNTER: &str = "printf '#!/bin/sh\\ni=0\\nwhile :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 0.1; done\\n' \
      > /root/count.sh && chmod +x /root/count.sh && (setsid /root/count.sh >/dev/null 2>&1 &)";
 
-/// The counter's pid and value, twice, 1 s apart (it must have advanced).
+/// The counter's pid and value, twice, 1.2 s apart (it must have
+/// advanced). The first value is waited for (up to 5 s): a counter just
+/// started may not have written one yet.
 async fn counter_advances(agent: &AgentClient) -> bool {
     let read = || async {
-        let (out, _, _) = sh(agent, "cat /root/counter").await;
+        let (out, _, _) = sh(agent, "cat /root/counter 2>/dev/null").await;
         out.trim().parse::<u64>().unwrap_or(0)
     };
-    let first = read().await;
+    let mut first = read().await;
+    for _ in 0..25 {
+        if first > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        first = read().await;
+    }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let second = read().await;
     let (pids, _, _) = sh(agent, "pgrep -f count.sh").await;
