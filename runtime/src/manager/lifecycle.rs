@@ -199,10 +199,10 @@ impl Manager {
             })
     }
 
-    pub(super) fn vm_spec(&self, record: &SandboxRecord) -> VmSpec {
+    pub(super) fn vm_spec(&self, record: &SandboxRecord) -> Result<VmSpec, RuntimeError> {
         let config = &self.inner.config;
         let dir = self.inner.layout.sandbox_dir(&record.id);
-        VmSpec {
+        Ok(VmSpec {
             hostname: spec::hostname_for(&record.name),
             disk: self.disk_path(record),
             memory: GuestMemory::Shared(self.inner.layout.ram_file(&record.id)),
@@ -214,8 +214,8 @@ impl Manager {
             initramfs: config.initramfs.clone(),
             accel: self.inner.accel.clone(),
             extra_kernel_args: config.extra_kernel_args.clone(),
-            network: self.vm_network(record),
-        }
+            network: self.vm_network(record)?,
+        })
     }
 
     /// Launches QEMU for a `Creating` or `Starting` record and waits for the
@@ -235,7 +235,7 @@ impl Manager {
         let running = self.check(record, Operation::Booted)?;
         self.prepare_ram(&record.id)?;
         self.prepare_host_network(record).await?;
-        let mut vm_spec = self.vm_spec(record);
+        let mut vm_spec = self.vm_spec(record)?;
         vm_spec.hostname = hostname;
         let vm = self
             .inner

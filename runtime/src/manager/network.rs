@@ -162,7 +162,7 @@ impl Manager {
         &self,
         record: &SandboxRecord,
     ) -> Result<(), RuntimeError> {
-        let Some(tap) = record.network.as_ref().and_then(|n| n.tap.clone()) else {
+        let Some(tap) = tap_of(record) else {
             return Ok(());
         };
         let config = &self.inner.config.network;
@@ -178,32 +178,27 @@ impl Manager {
         host::ensure_bridge(&config.bridge, gateway)
             .await
             .map_err(|e| net_err(e.into()))?;
-        host::create_tap(&tap, &config.bridge, !config.allow_inter_sandbox)
+        host::create_tap(tap, &config.bridge, !config.allow_inter_sandbox)
             .await
             .map_err(|e| net_err(e.into()))?;
-        self.apply_rules_locked().await.map_err(net_err)
+        self.apply_rules_locked(&record.name).await
     }
 
     /// Removes the host side of a sandbox whose record is gone: its tap,
     /// and its rules (and the bridge, if it was the last).
     pub(super) async fn release_host_network(&self, record: &SandboxRecord) {
-        let Some(tap) = record.network.as_ref().and_then(|n| n.tap.clone()) else {
+        let Some(tap) = tap_of(record) else {
             return;
         };
         let result = async {
             let _lock = self.network_lock().await?;
-            host::delete_tap(&tap)
+            host::delete_tap(tap)
                 .await
                 .map_err(|e| RuntimeError::Network {
                     name: record.name.clone(),
                     source: e.into(),
                 })?;
-            self.apply_rules_locked()
-                .await
-                .map_err(|source| RuntimeError::Network {
-                    name: record.name.clone(),
-                    source,
-                })
+            self.apply_rules_locked(&record.name).await
         }
         .await;
         if let Err(error) = result {
@@ -212,8 +207,13 @@ impl Manager {
     }
 
     /// The NIC of a VM of `record`: `None` for sandboxes without one.
-    pub(super) fn vm_network(&self, record: &SandboxRecord) -> Option<VmNetwork> {
-        let net = record.network.as_ref()?;
+    pub(super) fn vm_network(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<Option<VmNetwork>, RuntimeError> {
+        let Some(net) = record.network.as_ref() else {
+            return Ok(None);
+        };
         let backend = match (&net.tap, net.mode) {
             (Some(tap), NetMode::Bridge) => NetBackend::Tap { tap: tap.clone() },
             _ => NetBackend::User {
@@ -223,20 +223,19 @@ impl Manager {
                 forwards: self
                     .inner
                     .store
-                    .forwards(&record.id)
-                    .unwrap_or_default()
+                    .forwards(&record.id)?
                     .iter()
                     .map(|f| host_forward(net, f))
                     .collect(),
             },
         };
-        Some(VmNetwork {
+        Ok(Some(VmNetwork {
             mac: net.mac.clone(),
             address: net.address,
             gateway: net.gateway,
             nameserver: net.nameserver,
             backend,
-        })
+        }))
     }
 
     /// What the guest agent is told after a restore: the clone's address,
@@ -256,24 +255,28 @@ impl Manager {
     }
 
     /// What a snapshot of `record` records of its network.
-    pub(super) fn snapshot_net(&self, record: &SandboxRecord) -> Option<SnapshotNet> {
-        let net = record.network.as_ref()?;
+    pub(super) fn snapshot_net(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<Option<SnapshotNet>, RuntimeError> {
+        let Some(net) = record.network.as_ref() else {
+            return Ok(None);
+        };
         let forwards = self
             .inner
             .store
-            .forwards(&record.id)
-            .unwrap_or_default()
+            .forwards(&record.id)?
             .into_iter()
             .map(|f| GuestForward {
                 guest_port: f.guest_port,
                 description: f.description,
             })
             .collect();
-        Some(SnapshotNet {
+        Ok(Some(SnapshotNet {
             mode: net.mode,
             egress: net.egress.clone(),
             forwards,
-        })
+        }))
     }
 
     /// The forwards of sandbox `name`.
@@ -313,7 +316,7 @@ impl Manager {
         if let Err(error) = self.open_forwards(&record, &net, &added).await {
             let ports: Vec<u16> = added.iter().map(|f| f.host_port).collect();
             self.inner.store.remove_forwards(&record.id, Some(&ports))?;
-            let _ = self.sync_rules().await;
+            let _ = self.sync_rules(name).await;
             return Err(error);
         }
         tracing::info!(count = added.len(), "forwards added");
@@ -334,7 +337,7 @@ impl Manager {
             .store
             .remove_forwards(&record.id, host_ports.as_deref())?;
         match net.mode {
-            NetMode::Bridge => self.sync_rules_of(&record).await?,
+            NetMode::Bridge => self.sync_rules(name).await?,
             NetMode::User => {
                 if let Some(vm) = self.running_vm(&record) {
                     for forward in &removed {
@@ -374,7 +377,7 @@ impl Manager {
         self.inner
             .store
             .update_network(&record.name, &record.id, &net)?;
-        self.sync_rules_of(&record).await?;
+        self.sync_rules(name).await?;
         tracing::info!(egress = %net.egress, "egress policy changed");
         Ok(net)
     }
@@ -387,7 +390,7 @@ impl Manager {
         added: &[PortForward],
     ) -> Result<(), RuntimeError> {
         match net.mode {
-            NetMode::Bridge => self.sync_rules_of(record).await,
+            NetMode::Bridge => self.sync_rules(&record.name).await,
             NetMode::User => {
                 let Some(vm) = self.running_vm(record) else {
                     // Opened with the VM at its next boot.
@@ -415,46 +418,37 @@ impl Manager {
         self.handle(record).filter(|vm| self.inner.vmm.is_alive(vm))
     }
 
-    /// [`Manager::sync_rules`] after a change to `record`, whose name a
-    /// failure carries.
-    async fn sync_rules_of(&self, record: &SandboxRecord) -> Result<(), RuntimeError> {
-        self.sync_rules()
-            .await
-            .map_err(|source| RuntimeError::Network {
-                name: record.name.clone(),
-                source,
-            })
-    }
-
-    /// Re-applies the bridge-mode rules from the store.
-    pub(super) async fn sync_rules(&self) -> Result<(), NetError> {
-        if !self.bridge_in_use() {
+    /// Re-applies the bridge-mode rules from the store after a change to
+    /// sandbox `name` (which a failure names).
+    async fn sync_rules(&self, name: &str) -> Result<(), RuntimeError> {
+        if !self.bridge_in_use()? {
             return Ok(());
         }
-        let _lock = self
-            .network_lock()
-            .await
-            .map_err(|e| NetError::Host(host::HostNetError::Lock(e.chain())))?;
-        self.apply_rules_locked().await
+        let _lock = self.network_lock().await?;
+        self.apply_rules_locked(name).await
     }
 
     /// Whether bridge mode is this manager's or any record's.
-    fn bridge_in_use(&self) -> bool {
-        self.inner.net_mode == NetMode::Bridge
-            || self.inner.store.list().is_ok_and(|records| {
-                records
-                    .iter()
-                    .any(|r| r.network.as_ref().is_some_and(|n| n.tap.is_some()))
-            })
+    fn bridge_in_use(&self) -> Result<bool, RuntimeError> {
+        Ok(self.inner.net_mode == NetMode::Bridge
+            || self.inner.store.list()?.iter().any(|r| tap_of(r).is_some()))
     }
 
     /// Renders the rules of every bridge-mode record and applies them; with
-    /// none left, removes the tables and the bridge. Holds the network lock.
-    async fn apply_rules_locked(&self) -> Result<(), NetError> {
+    /// none left, removes the tables and the bridge. The caller holds the
+    /// network lock. A store that cannot be read is an error, never an
+    /// empty ruleset: that would tear down every sandbox's network.
+    async fn apply_rules_locked(&self, name: &str) -> Result<(), RuntimeError> {
         let config = &self.inner.config.network;
-        let forwards = self.inner.store.all_forwards().unwrap_or_default();
-        let records = self.inner.store.list().unwrap_or_default();
-        let sandboxes: Vec<nft::SandboxRules> = records
+        let net_err = |source: NetError| RuntimeError::Network {
+            name: name.to_string(),
+            source,
+        };
+        let forwards = self.inner.store.all_forwards()?;
+        let sandboxes: Vec<nft::SandboxRules> = self
+            .inner
+            .store
+            .list()?
             .into_iter()
             .filter_map(|r| {
                 let net = r.network.filter(|n| n.tap.is_some())?;
@@ -466,9 +460,12 @@ impl Manager {
             })
             .collect();
         if sandboxes.is_empty() {
-            nft::apply(&nft::render_removal(&config.bridge)).await?;
-            host::delete_bridge(&config.bridge).await?;
-            return Ok(());
+            nft::apply(&nft::render_removal(&config.bridge))
+                .await
+                .map_err(|e| net_err(e.into()))?;
+            return host::delete_bridge(&config.bridge)
+                .await
+                .map_err(|e| net_err(e.into()));
         }
         let rules = nft::Ruleset {
             table: &config.bridge,
@@ -480,8 +477,9 @@ impl Manager {
             allow_host: config.allow_host,
             sandboxes: &sandboxes,
         };
-        nft::apply(&nft::render(&rules)).await?;
-        Ok(())
+        nft::apply(&nft::render(&rules))
+            .await
+            .map_err(|e| net_err(e.into()))
     }
 
     /// At start-up: removes taps on our bridge that no record owns, and
@@ -489,38 +487,29 @@ impl Manager {
     /// store.
     pub(super) async fn reconcile_network(&self) -> Result<(), RuntimeError> {
         let config = &self.inner.config.network;
-        let bridge_records = self
-            .inner
-            .store
-            .list()?
-            .into_iter()
-            .any(|r| r.network.as_ref().is_some_and(|n| n.tap.is_some()));
+        let bridge_records = self.inner.store.list()?.iter().any(|r| tap_of(r).is_some());
         let ours_exists =
             host::can_manage().is_ok() && nft::table_exists(&config.bridge).await.unwrap_or(false);
         if !bridge_records && !ours_exists {
             return Ok(());
         }
-        let net_err = |source: NetError| RuntimeError::Network {
-            name: String::new(),
-            source,
-        };
+        // Failures name the bridge: no one sandbox is at fault.
+        let name = config.bridge.as_str();
         let _lock = self.network_lock().await?;
-        let owned: std::collections::HashSet<String> = self
-            .inner
-            .store
-            .list()?
-            .into_iter()
-            .filter_map(|r| r.network.and_then(|n| n.tap))
-            .collect();
+        let records = self.inner.store.list()?;
+        let owned: std::collections::HashSet<&str> = records.iter().filter_map(tap_of).collect();
         for tap in host::taps_on(&config.bridge).await.unwrap_or_default() {
-            if !owned.contains(&tap) {
+            if !owned.contains(tap.as_str()) {
                 tracing::info!(%tap, "removing a tap no sandbox owns");
                 host::delete_tap(&tap)
                     .await
-                    .map_err(|e| net_err(e.into()))?;
+                    .map_err(|e| RuntimeError::Network {
+                        name: name.to_string(),
+                        source: e.into(),
+                    })?;
             }
         }
-        self.apply_rules_locked().await.map_err(net_err)
+        self.apply_rules_locked(name).await
     }
 
     async fn network_lock(&self) -> Result<SandboxLock, RuntimeError> {
@@ -550,6 +539,11 @@ fn host_forward(net: &SandboxNet, forward: &PortForward) -> HostForward {
         host_port: forward.host_port,
         guest: SocketAddrV4::new(net.address.addr, forward.guest_port),
     }
+}
+
+/// The tap of a bridge-mode sandbox.
+fn tap_of(record: &SandboxRecord) -> Option<&str> {
+    record.network.as_ref()?.tap.as_deref()
 }
 
 /// User mode has no per-destination filter: only allow all or deny all.

@@ -196,6 +196,7 @@ impl Manager {
         } else {
             record.env.clone()
         };
+        let network = self.snapshot_net(record)?;
         let dir = new_id()?;
         let snap_lock_path = self.inner.layout.snapshot_lock(&dir);
         let snap_lock = SandboxLock::try_acquire(&snap_lock_path)
@@ -219,7 +220,7 @@ impl Manager {
             parent_snapshot: record.from_snapshot.clone(),
             state_format: StateFormat::Devices,
             golden_key,
-            network: self.snapshot_net(record),
+            network,
         };
         if let Err(error) = self.inner.store.begin_snapshot(&snap) {
             remove_file_if_exists(&snap_lock_path);
@@ -733,7 +734,7 @@ impl Manager {
         let copied = started.elapsed();
         check_same_nic(record, snap)?;
         self.prepare_host_network(record).await?;
-        let mut spec = self.vm_spec(record);
+        let mut spec = self.vm_spec(record)?;
         spec.memory = GuestMemory::Private(base);
         spec.incoming = Some(snap.state_format);
         let vmm = self.inner.vmm.clone();

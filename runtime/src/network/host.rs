@@ -70,10 +70,6 @@ pub enum HostNetError {
         #[source]
         source: std::io::Error,
     },
-    /// The lock serializing host network changes could not be taken; the
-    /// text is the lock error's whole chain.
-    #[error("cannot take the network lock: {0}")]
-    Lock(String),
 }
 
 /// The tap of sandbox `sandbox_id`: [`TAP_PREFIX`] and the first 13
