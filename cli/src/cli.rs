@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use arrakis_runtime::network::{EgressPolicy, ForwardRequest, Ipv4Net};
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest};
 use arrakis_runtime::{ForkSource, MAX_FORKS};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
@@ -197,7 +197,7 @@ pub struct NetArgs {
     /// Where the sandbox may open connections to: `allow`, `deny`, or
     /// `CIDR[,CIDR...]` (e.g. `10.0.0.0/8,192.168.1.0/24`; bridge mode
     /// only). Default: the runtime's configured policy.
-    #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
+    #[arg(long, value_name = "POLICY", value_parser = EgressPolicy::parse_list)]
     pub egress: Option<EgressPolicy>,
 }
 
@@ -636,7 +636,7 @@ Examples:
 pub struct EgressArgs {
     pub name: String,
     /// `allow`, `deny` or `CIDR[,CIDR...]`.
-    #[arg(value_name = "POLICY", value_parser = parse_egress)]
+    #[arg(value_name = "POLICY", value_parser = EgressPolicy::parse_list)]
     pub policy: Option<EgressPolicy>,
 }
 
@@ -667,23 +667,6 @@ pub fn parse_publish(text: &str) -> Result<ForwardRequest, String> {
         guest_port,
         description: description.to_string(),
     })
-}
-
-/// `allow`, `deny` or `CIDR[,CIDR...]` (a bare address is a /32; host
-/// bits are cleared, as the API does).
-pub fn parse_egress(text: &str) -> Result<EgressPolicy, String> {
-    match text {
-        "allow" => return Ok(EgressPolicy::AllowAll),
-        "deny" => return Ok(EgressPolicy::DenyAll),
-        _ => {}
-    }
-    let cidr = |cidr: &str| {
-        cidr.trim().parse::<Ipv4Net>().map(|net| net.trunc()).map_err(|_| {
-            format!("{cidr:?} is not an IPv4 CIDR; expected allow, deny or CIDR[,CIDR...], e.g. 10.0.0.0/8,192.168.1.0/24")
-        })
-    };
-    let list = text.split(',').map(cidr).collect::<Result<_, _>>()?;
-    Ok(EgressPolicy::AllowList(list))
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
@@ -1026,11 +1009,14 @@ mod tests {
 
     #[test]
     fn egress_policies() {
-        let net = |text: &str| text.parse::<Ipv4Net>().unwrap();
-        assert_eq!(parse_egress("allow"), Ok(EgressPolicy::AllowAll));
-        assert_eq!(parse_egress("deny"), Ok(EgressPolicy::DenyAll));
+        let net = |text: &str| text.parse::<arrakis_runtime::network::Ipv4Net>().unwrap();
         assert_eq!(
-            parse_egress("10.1.2.3/8, 192.168.1.0/24,1.1.1.1"),
+            EgressPolicy::parse_list("allow"),
+            Ok(EgressPolicy::AllowAll)
+        );
+        assert_eq!(EgressPolicy::parse_list("deny"), Ok(EgressPolicy::DenyAll));
+        assert_eq!(
+            EgressPolicy::parse_list("10.1.2.3/8, 192.168.1.0/24,1.1.1.1"),
             Ok(EgressPolicy::AllowList(vec![
                 net("10.0.0.0/8"),
                 net("192.168.1.0/24"),
@@ -1045,7 +1031,7 @@ mod tests {
             ("10.0.0.0/8,deny", "\"deny\""),
             ("::1/128", "\"::1/128\""),
         ] {
-            let error = parse_egress(bad).unwrap_err();
+            let error = EgressPolicy::parse_list(bad).unwrap_err();
             assert!(
                 error.contains(named) && error.contains("expected allow, deny or CIDR[,CIDR...]"),
                 "{bad:?}: {error}"

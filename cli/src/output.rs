@@ -459,7 +459,7 @@ Forwards:        8080 -> 80  web
         assert_eq!(egress_text(&list), "10.0.0.0/8,1.1.1.1/32");
         // What is printed is what --egress takes back.
         for policy in [EgressPolicy::AllowAll, EgressPolicy::DenyAll, list] {
-            assert_eq!(crate::cli::parse_egress(&egress_text(&policy)), Ok(policy));
+            assert_eq!(EgressPolicy::parse_list(&egress_text(&policy)), Ok(policy));
         }
     }
 

@@ -207,17 +207,26 @@ impl EgressPolicy {
 
 impl EgressPolicy {
     /// `allow`, `deny`, or IPv4 CIDRs separated by commas (the form of
-    /// command-line flags and environment variables).
+    /// command-line flags and environment variables); a bare address is a
+    /// /32 and host bits are cleared, as the API does. An error names the
+    /// item at fault.
     pub fn parse_list(text: &str) -> Result<EgressPolicy, String> {
         match text.trim() {
             "allow" => Ok(EgressPolicy::AllowAll),
             "deny" => Ok(EgressPolicy::DenyAll),
             list => list
                 .split(',')
-                .map(|item| item.trim().parse::<Ipv4Net>().map(|net| net.trunc()))
+                .map(|item| {
+                    let item = item.trim();
+                    item.parse::<Ipv4Net>().map(|net| net.trunc()).map_err(|_| {
+                        format!(
+                            "{item:?} is not an IPv4 CIDR; expected allow, deny or \
+                             CIDR[,CIDR...], e.g. 10.0.0.0/8,192.168.1.0/24"
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()
-                .map(EgressPolicy::AllowList)
-                .map_err(|e| format!("{e}; expected allow, deny or CIDRs separated by commas")),
+                .map(EgressPolicy::AllowList),
         }
     }
 }
