@@ -5,6 +5,7 @@
 //! [`unpack`] applies layer tarballs with the OCI whiteout rules, and [`ext4`] packs the
 //! resulting directory into a file system image.
 
+pub mod blobs;
 pub mod ext4;
 pub mod oci;
 pub mod unpack;

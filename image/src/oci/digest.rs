@@ -57,10 +57,11 @@ impl Digest {
 
     /// The sha256 digest of `data`.
     pub fn of(data: &[u8]) -> Digest {
-        Digest::from_hasher(Sha256::new_with_prefix(data))
+        Digest::from_sha256(Sha256::new_with_prefix(data))
     }
 
-    fn from_hasher(hasher: Sha256) -> Digest {
+    /// The digest a finished SHA-256 computation gives.
+    pub fn from_sha256(hasher: Sha256) -> Digest {
         let hex = hasher
             .finalize()
             .iter()
@@ -186,7 +187,7 @@ impl<R: Read> VerifyingReader<R> {
         if self.count != self.size {
             return Err(Mismatch::Size(self.count));
         }
-        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let actual = Digest::from_sha256(std::mem::take(&mut self.hasher));
         if actual != self.expected {
             return Err(Mismatch::Digest(actual));
         }
