@@ -5,7 +5,12 @@
 //! [`unpack`] applies layer tarballs with the OCI whiteout rules, and [`ext4`] packs the
 //! resulting directory into a file system image.
 
+pub mod archive;
 pub mod blobs;
+pub mod context;
+pub mod dockerfile;
 pub mod ext4;
 pub mod oci;
+pub mod registry;
+pub mod store;
 pub mod unpack;

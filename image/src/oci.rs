@@ -25,12 +25,12 @@ pub use types::*;
 /// The only `imageLayoutVersion` this reader knows.
 const LAYOUT_VERSION: &str = "1.0.0";
 /// The platform images are resolved for: what the sandbox VMs run.
-const TARGET_OS: &str = "linux";
-const TARGET_ARCH: &str = "amd64";
+pub(crate) const TARGET_OS: &str = "linux";
+pub(crate) const TARGET_ARCH: &str = "amd64";
 /// Upper bound on a JSON blob (manifest, index, config) read into memory.
-const JSON_BLOB_LIMIT: u64 = 8 << 20;
+pub(crate) const JSON_BLOB_LIMIT: u64 = 8 << 20;
 /// How deep indexes may nest before the layout is considered malformed.
-const MAX_INDEX_DEPTH: usize = 4;
+pub(crate) const MAX_INDEX_DEPTH: usize = 4;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +187,13 @@ impl OciLayout {
             }
             None => all,
         };
-        let chosen = choose(&candidates)?;
-        let manifest = self.follow(chosen, 0)?;
+        self.image(choose(&candidates)?)
+    }
+
+    /// Reads the image a manifest (or index) descriptor names: follows indexes to the
+    /// linux/amd64 manifest and reads its config, verifying both.
+    pub fn image(&self, descriptor: &Descriptor) -> Result<(Manifest, ImageConfig), OciError> {
+        let manifest = self.follow(descriptor, 0)?;
         let config = self.read_config(&manifest.config)?;
         Ok((manifest, config))
     }
@@ -366,7 +371,7 @@ pub fn unpack_image(
 
 /// Chooses among index entries: an entry for the target platform, else the only entry without
 /// a platform; otherwise an error listing them.
-fn choose<'a>(candidates: &[&'a Descriptor]) -> Result<&'a Descriptor, OciError> {
+pub(crate) fn choose<'a>(candidates: &[&'a Descriptor]) -> Result<&'a Descriptor, OciError> {
     let available = || candidates.iter().map(|d| describe(d)).collect();
     let on_target = candidates.iter().find(|d| {
         d.platform

@@ -1,0 +1,236 @@
+//! A minimal registry for the faults a real one does not make on demand: it serves fixed
+//! manifests and blobs over plain HTTP on 127.0.0.1, one request per connection, and can
+//! ignore `Range` headers, fail, or break off the first download of chosen blobs.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// What goes wrong when a blob is requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Always answer with the whole blob, whatever range was asked for.
+    IgnoreRange,
+    /// The first answer announces the whole blob but closes after this many bytes.
+    CutFirstAfter(usize),
+    /// The first answer is this HTTP status with no body.
+    FailFirst(u16),
+}
+
+/// One request the registry received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub path: String,
+    pub range: Option<String>,
+}
+
+#[derive(Default)]
+struct Content {
+    repository: String,
+    /// By tag or digest: media type and bytes.
+    manifests: HashMap<String, (String, Vec<u8>)>,
+    /// By digest.
+    blobs: HashMap<String, Vec<u8>>,
+    faults: HashMap<String, Fault>,
+}
+
+/// A running fake registry; stopped on drop.
+pub struct FakeRegistry {
+    port: u16,
+    requests: Arc<Mutex<Vec<Request>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeRegistry {
+    /// Serves `repository` with `manifests` (reference, media type, bytes), `blobs` (by
+    /// their sha256) and `faults` (by blob digest).
+    pub fn start(
+        repository: &str,
+        manifests: Vec<(String, String, Vec<u8>)>,
+        blobs: Vec<Vec<u8>>,
+        faults: Vec<(String, Fault)>,
+    ) -> FakeRegistry {
+        let content = Content {
+            repository: repository.to_owned(),
+            manifests: manifests
+                .into_iter()
+                .map(|(reference, media_type, bytes)| (reference, (media_type, bytes)))
+                .collect(),
+            blobs: blobs.into_iter().map(|b| (sha256(&b), b)).collect(),
+            faults: faults.into_iter().collect(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (requests, stop) = (requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut faulted = HashSet::new();
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(stream) = stream {
+                        let _ = serve(stream, &content, &requests, &mut faulted);
+                    }
+                }
+            })
+        };
+        FakeRegistry {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    arrakis_image::oci::Digest::of(data).to_string()
+}
+
+fn serve(
+    stream: TcpStream,
+    content: &Content,
+    requests: &Mutex<Vec<Request>>,
+    faulted: &mut HashSet<String>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("range") {
+                range = Some(value.trim().to_owned());
+            }
+        }
+    }
+    requests.lock().unwrap().push(Request {
+        path: path.clone(),
+        range: range.clone(),
+    });
+    let mut stream = stream;
+    let prefix = format!("/v2/{}/", content.repository);
+    if path == "/v2/" {
+        return respond(&mut stream, "200 OK", &[], b"{}");
+    }
+    let Some(rest) = path.strip_prefix(&prefix) else {
+        return not_found(&mut stream);
+    };
+    if let Some(reference) = rest.strip_prefix("manifests/") {
+        let Some((media_type, bytes)) = content.manifests.get(reference) else {
+            return not_found(&mut stream);
+        };
+        let headers = [
+            ("Content-Type", media_type.clone()),
+            ("Docker-Content-Digest", sha256(bytes)),
+        ];
+        return respond(&mut stream, "200 OK", &headers, bytes);
+    }
+    let Some(digest) = rest.strip_prefix("blobs/") else {
+        return not_found(&mut stream);
+    };
+    let Some(blob) = content.blobs.get(digest) else {
+        return not_found(&mut stream);
+    };
+    let fault = content.faults.get(digest).copied();
+    let first = faulted.insert(digest.to_owned());
+    let digest_header = ("Docker-Content-Digest", digest.to_owned());
+    match fault {
+        Some(Fault::FailFirst(status)) if first => {
+            respond(&mut stream, &format!("{status} Injected"), &[], b"")
+        }
+        Some(Fault::CutFirstAfter(cut)) if first => {
+            let headers = [digest_header, ("Content-Length", blob.len().to_string())];
+            write_head(&mut stream, "200 OK", &headers)?;
+            stream.write_all(&blob[..cut.min(blob.len())])?;
+            stream.flush()
+        }
+        _ => {
+            let start = range
+                .as_deref()
+                .filter(|_| fault != Some(Fault::IgnoreRange))
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok())
+                .filter(|start| *start < blob.len());
+            match start {
+                Some(start) => {
+                    let headers = [
+                        digest_header,
+                        (
+                            "Content-Range",
+                            format!("bytes {start}-{}/{}", blob.len() - 1, blob.len()),
+                        ),
+                    ];
+                    respond(&mut stream, "206 Partial Content", &headers, &blob[start..])
+                }
+                None => respond(&mut stream, "200 OK", &[digest_header], blob),
+            }
+        }
+    }
+}
+
+fn not_found(stream: &mut TcpStream) -> std::io::Result<()> {
+    let body = br#"{"errors":[{"code":"NOT_FOUND","message":"not here"}]}"#;
+    respond(stream, "404 Not Found", &[], body)
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut all = headers.to_vec();
+    all.push(("Content-Length", body.len().to_string()));
+    write_head(stream, status, &all)?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn write_head(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())
+}

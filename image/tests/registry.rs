@@ -1,0 +1,929 @@
+//! Pulls from a real registry: Debian's `docker-registry` (distribution 2.8) serving on
+//! 127.0.0.1, one per test, with images built and pushed by the test itself.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use arrakis_image::blobs::BlobDir;
+use arrakis_image::oci::{
+    Digest, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_LIST,
+    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST,
+};
+use arrakis_image::registry::{
+    pull, Credentials, NoProgress, PullOptions, PullProgress, PulledImage, RegistryError,
+};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde_json::json;
+
+#[path = "common/fake_registry.rs"]
+mod fake_registry;
+
+use fake_registry::{FakeRegistry, Fault};
+
+const REGISTRY_BINARY: &str = "docker-registry";
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The media types an image is built with.
+struct MediaTypes {
+    manifest: &'static str,
+    config: &'static str,
+    layer: &'static str,
+}
+
+const OCI: MediaTypes = MediaTypes {
+    manifest: MEDIA_TYPE_MANIFEST,
+    config: MEDIA_TYPE_CONFIG,
+    layer: "application/vnd.oci.image.layer.v1.tar+gzip",
+};
+const DOCKER: MediaTypes = MediaTypes {
+    manifest: MEDIA_TYPE_DOCKER_MANIFEST,
+    config: MEDIA_TYPE_DOCKER_CONFIG,
+    layer: "application/vnd.docker.image.rootfs.diff.tar.gzip",
+};
+
+/// A `docker-registry` process with its own storage, killed on drop.
+struct TestRegistry {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl TestRegistry {
+    fn start() -> TestRegistry {
+        TestRegistry::start_with(None)
+    }
+
+    /// Starts a registry; with `users`, it requires HTTP basic auth (htpasswd, bcrypt).
+    fn start_with(user: Option<(&str, &str)>) -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\n\
+             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: arrakis-test\n",
+            dir.path().join("storage").display()
+        );
+        if let Some((name, password)) = user {
+            let hash = bcrypt::hash_with_result(password, 4)
+                .unwrap()
+                .format_for_version(bcrypt::Version::TwoY);
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{name}:{hash}\n")).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, config).unwrap();
+        let log = fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = match Command::new(REGISTRY_BINARY)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "`{REGISTRY_BINARY}` is not on PATH: install docker-registry (scripts/setup does)"
+            ),
+            Err(e) => panic!("starting {REGISTRY_BINARY}: {e}"),
+        };
+        let mut registry = TestRegistry { child, dir, port };
+        registry.wait_ready();
+        registry
+    }
+
+    /// Waits until `GET /v2/` gets an HTTP answer (401 counts: the registry is up).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("docker-registry exited with {status}:\n{}", self.log());
+            }
+            if http_answers(self.port) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer within {STARTUP_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Where the registry keeps a blob's bytes.
+    fn blob_data(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
+}
+
+/// An image built in memory: gzip layers, an OCI config and manifest.
+struct TestImage {
+    types: &'static MediaTypes,
+    layers: Vec<Vec<u8>>,
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+}
+
+impl TestImage {
+    fn new(architecture: &str, layers: Vec<Vec<u8>>) -> TestImage {
+        TestImage::with_types(architecture, layers, &OCI)
+    }
+
+    fn with_types(
+        architecture: &str,
+        layers: Vec<Vec<u8>>,
+        types: &'static MediaTypes,
+    ) -> TestImage {
+        let diff_ids: Vec<String> = layers
+            .iter()
+            .map(|layer| {
+                let mut tar = Vec::new();
+                flate2::read::GzDecoder::new(&layer[..])
+                    .read_to_end(&mut tar)
+                    .unwrap();
+                Digest::of(&tar).to_string()
+            })
+            .collect();
+        let config = serde_json::to_vec(&json!({
+            "architecture": architecture,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/hello"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        let layer_descriptors: Vec<_> = layers
+            .iter()
+            .map(|layer| descriptor(types.layer, layer))
+            .collect();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": types.manifest,
+            "config": descriptor(types.config, &config),
+            "layers": layer_descriptors,
+        }))
+        .unwrap();
+        TestImage {
+            types,
+            layers,
+            config,
+            manifest,
+        }
+    }
+
+    fn manifest_digest(&self) -> Digest {
+        Digest::of(&self.manifest)
+    }
+
+    fn layer_digests(&self) -> Vec<Digest> {
+        self.layers.iter().map(|l| Digest::of(l)).collect()
+    }
+}
+
+fn descriptor(media_type: &str, blob: &[u8]) -> serde_json::Value {
+    json!({"mediaType": media_type, "digest": Digest::of(blob).to_string(), "size": blob.len()})
+}
+
+/// A gzip-compressed tar holding one file.
+fn layer(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append_data(&mut header, name, content).unwrap();
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Bytes gzip cannot shrink, so a layer's size is about `len`.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn push_client() -> Client {
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..ClientConfig::default()
+    })
+}
+
+/// Pushes the image's blobs and its manifest under `reference` (a tag or a digest).
+async fn push(reference: &str, image: &TestImage, auth: &RegistryAuth) {
+    let reference: Reference = reference.parse().unwrap();
+    let client = push_client();
+    client
+        .store_auth_if_needed(reference.resolve_registry(), auth)
+        .await;
+    for blob in image.layers.iter().chain([&image.config]) {
+        client
+            .push_blob(&reference, blob, &Digest::of(blob).to_string())
+            .await
+            .unwrap();
+    }
+    client
+        .push_manifest_raw(
+            &reference,
+            image.manifest.clone(),
+            image.types.manifest.parse().unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Pushes each image by digest and an OCI index of them under `reference`; returns the
+/// index bytes.
+async fn push_index(reference: &str, images: &[(&str, &TestImage)]) -> Vec<u8> {
+    let repository = reference.rsplit_once(':').unwrap().0;
+    let mut entries = Vec::new();
+    for (architecture, image) in images {
+        let digest = image.manifest_digest();
+        push(
+            &format!("{repository}@{digest}"),
+            image,
+            &RegistryAuth::Anonymous,
+        )
+        .await;
+        let mut entry = descriptor(MEDIA_TYPE_MANIFEST, &image.manifest);
+        entry["platform"] = json!({"os": "linux", "architecture": architecture});
+        entries.push(entry);
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_INDEX,
+        "manifests": entries,
+    }))
+    .unwrap();
+    push_client()
+        .push_manifest_raw(
+            &reference.parse().unwrap(),
+            index.clone(),
+            MEDIA_TYPE_INDEX.parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    index
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Resolved {
+        reference: String,
+        manifest: Digest,
+        layers: Vec<Digest>,
+    },
+    Progress {
+        digest: Digest,
+        done: u64,
+        total: u64,
+    },
+    Done {
+        digest: Digest,
+        cached: bool,
+    },
+}
+
+/// Records every progress call in order.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Event>>);
+
+impl Recorder {
+    fn events(&self) -> Vec<Event> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn progress_of(&self, wanted: &Digest) -> Vec<u64> {
+        self.events()
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Progress { digest, done, .. } if &digest == wanted => Some(done),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl PullProgress for Recorder {
+    fn resolved(
+        &self,
+        reference: &str,
+        manifest: &Digest,
+        layers: &[arrakis_image::oci::Descriptor],
+    ) {
+        self.0.lock().unwrap().push(Event::Resolved {
+            reference: reference.to_owned(),
+            manifest: manifest.clone(),
+            layers: layers.iter().map(|l| l.digest.clone()).collect(),
+        });
+    }
+
+    fn layer_progress(&self, digest: &Digest, done: u64, total: u64) {
+        self.0.lock().unwrap().push(Event::Progress {
+            digest: digest.clone(),
+            done,
+            total,
+        });
+    }
+
+    fn layer_done(&self, digest: &Digest, cached: bool) {
+        self.0.lock().unwrap().push(Event::Done {
+            digest: digest.clone(),
+            cached,
+        });
+    }
+}
+
+fn insecure() -> PullOptions {
+    PullOptions {
+        insecure: true,
+        ..PullOptions::default()
+    }
+}
+
+fn store() -> (tempfile::TempDir, BlobDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = BlobDir::create(dir.path()).unwrap();
+    (dir, blobs)
+}
+
+fn stored(blobs: &BlobDir, blob: &[u8]) -> bool {
+    fs::read(blobs.path(&Digest::of(blob))).is_ok_and(|content| content == blob)
+}
+
+fn stored_blob_count(layout: &Path) -> usize {
+    fs::read_dir(layout.join("blobs/sha256")).unwrap().count()
+}
+
+fn assert_image_stored(blobs: &BlobDir, image: &TestImage, pulled: &PulledImage) {
+    assert_eq!(pulled.manifest.digest, image.manifest_digest());
+    assert_eq!(pulled.manifest.size, image.manifest.len() as u64);
+    assert_eq!(pulled.manifest.media_type, image.types.manifest);
+    assert_eq!(
+        (
+            pulled.config.os.as_str(),
+            pulled.config.architecture.as_str()
+        ),
+        ("linux", "amd64")
+    );
+    for blob in image.layers.iter().chain([&image.config, &image.manifest]) {
+        assert!(stored(blobs, blob), "blob {} is stored", Digest::of(blob));
+    }
+}
+
+#[tokio::test]
+async fn pulls_an_image_and_skips_cached_layers() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let image = TestImage::new(
+        "amd64",
+        vec![
+            layer("bin/hello", b"#!/bin/sh\necho hello\n"),
+            layer("etc/motd", &noise(64 << 10, 7)),
+            layer("etc/hostname", b"sandbox\n"),
+        ],
+    );
+    push(
+        &format!("{host}/test/app:v1"),
+        &image,
+        &RegistryAuth::Anonymous,
+    )
+    .await;
+    push(
+        &format!("{host}/test/app:latest"),
+        &image,
+        &RegistryAuth::Anonymous,
+    )
+    .await;
+    let (dir, blobs) = store();
+
+    let recorder = Recorder::default();
+    let options = PullOptions {
+        parallel: 1,
+        ..insecure()
+    };
+    let pulled = pull(&format!("{host}/test/app:v1"), &blobs, &options, &recorder)
+        .await
+        .unwrap();
+    assert_eq!(pulled.reference, format!("{host}/test/app:v1"));
+    assert_image_stored(&blobs, &image, &pulled);
+    let run = pulled.config.config.as_ref().unwrap();
+    assert_eq!(run.cmd.as_deref(), Some(&["/bin/hello".to_owned()][..]));
+    assert!(!dir.path().join("index.json").exists(), "pull does not tag");
+
+    // One layer at a time: each layer's progress ends with its completion, in order.
+    let mut expected_order = image.layer_digests().into_iter();
+    let events = recorder.events();
+    assert_eq!(
+        events[0],
+        Event::Resolved {
+            reference: pulled.reference.clone(),
+            manifest: image.manifest_digest(),
+            layers: image.layer_digests(),
+        }
+    );
+    let mut current = None;
+    for event in &events[1..] {
+        match event {
+            Event::Progress {
+                digest,
+                done,
+                total,
+            } => {
+                if current.as_ref() != Some(digest) {
+                    assert_eq!(Some(digest), expected_order.next().as_ref());
+                    current = Some(digest.clone());
+                }
+                assert!(done <= total);
+            }
+            Event::Done { digest, cached } => {
+                assert_eq!(current.take().as_ref(), Some(digest));
+                assert!(!cached);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(expected_order.next(), None, "every layer was downloaded");
+    for (digest, layer) in image.layer_digests().iter().zip(&image.layers) {
+        assert_eq!(
+            recorder.progress_of(digest).last(),
+            Some(&(layer.len() as u64))
+        );
+    }
+
+    // Pulled again (no tag means `latest`, here the same image): every layer is cached.
+    let recorder = Recorder::default();
+    let pulled = pull(&format!("{host}/test/app"), &blobs, &insecure(), &recorder)
+        .await
+        .unwrap();
+    assert_eq!(pulled.reference, format!("{host}/test/app:latest"));
+    assert_eq!(pulled.manifest.digest, image.manifest_digest());
+    let done: Vec<Event> = recorder
+        .events()
+        .into_iter()
+        .filter(|e| !matches!(e, Event::Resolved { .. }))
+        .collect();
+    assert_eq!(done.len(), image.layers.len(), "{done:?}");
+    for digest in image.layer_digests() {
+        assert!(done.contains(&Event::Done {
+            digest,
+            cached: true
+        }));
+    }
+
+    // By digest: the manifest is checked against it.
+    let by_digest = format!("{host}/test/app@{}", image.manifest_digest());
+    let pulled = pull(&by_digest, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(pulled.reference, by_digest);
+    assert_image_stored(&blobs, &image, &pulled);
+}
+
+#[tokio::test]
+async fn picks_linux_amd64_from_an_index() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let amd64 = TestImage::new("amd64", vec![layer("arch", b"amd64\n")]);
+    let arm64 = TestImage::new("arm64", vec![layer("arch", b"arm64\n")]);
+    let index = push_index(
+        &format!("{host}/multi:1"),
+        &[("arm64", &arm64), ("amd64", &amd64)],
+    )
+    .await;
+    let (_dir, blobs) = store();
+
+    let pulled = pull(&format!("{host}/multi:1"), &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap();
+    assert_image_stored(&blobs, &amd64, &pulled);
+    assert_eq!(
+        pulled.manifest.platform.as_ref().map(ToString::to_string),
+        Some("linux/amd64".to_owned())
+    );
+    assert!(stored(&blobs, &index), "the index is kept");
+    for blob in arm64.layers.iter().chain([&arm64.config, &arm64.manifest]) {
+        assert!(!blobs.path(&Digest::of(blob)).exists(), "nothing of arm64");
+    }
+
+    push_index(&format!("{host}/multi:arm"), &[("arm64", &arm64)]).await;
+    let err = pull(
+        &format!("{host}/multi:arm"),
+        &blobs,
+        &insecure(),
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, RegistryError::NoPlatform { .. }), "{message}");
+    assert!(
+        message.contains("no linux/amd64 image") && message.contains("linux/arm64"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_tags_and_repositories_are_not_found() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let image = TestImage::new("amd64", vec![layer("a", b"a")]);
+    push(&format!("{host}/app:v1"), &image, &RegistryAuth::Anonymous).await;
+    let (dir, blobs) = store();
+
+    for missing in [format!("{host}/app:nope"), format!("{host}/other:v1")] {
+        let err = pull(&missing, &blobs, &insecure(), &NoProgress)
+            .await
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, RegistryError::NotFound { .. }), "{message}");
+        assert!(
+            message.contains(&missing)
+                && message.contains(&format!("not found in registry {host}")),
+            "{message}"
+        );
+    }
+    assert_eq!(stored_blob_count(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn a_closed_port_is_unreachable() {
+    let host = format!("127.0.0.1:{}", free_port());
+    let (dir, blobs) = store();
+    let err = pull(&format!("{host}/app:v1"), &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, RegistryError::Unreachable { .. }),
+        "{message}"
+    );
+    assert_eq!(message, format!("cannot reach registry {host}"));
+    assert_eq!(stored_blob_count(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn a_corrupted_layer_is_rejected_and_not_stored() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let image = TestImage::new("amd64", vec![layer("data", &noise(32 << 10, 3))]);
+    push(&format!("{host}/app:v1"), &image, &RegistryAuth::Anonymous).await;
+    let layer_digest = Digest::of(&image.layers[0]);
+    let mut corrupted = image.layers[0].clone();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0xff;
+    fs::write(registry.blob_data(&layer_digest), &corrupted).unwrap();
+    let (_dir, blobs) = store();
+
+    let err = pull(&format!("{host}/app:v1"), &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    match &err {
+        RegistryError::DigestMismatch {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, &layer_digest);
+            assert_eq!(actual, &Digest::of(&corrupted));
+        }
+        other => panic!("expected a digest mismatch, got {other}"),
+    }
+    assert!(!blobs.path(&layer_digest).exists());
+    assert!(!blobs.partial_path(&layer_digest).exists());
+    assert!(
+        !blobs.path(&image.manifest_digest()).exists(),
+        "the manifest is stored only once its layers are"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes_from_its_partial_file() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let image = TestImage::new("amd64", vec![layer("big", &noise(1 << 20, 11))]);
+    push(&format!("{host}/app:v1"), &image, &RegistryAuth::Anonymous).await;
+    let blob = &image.layers[0];
+    let digest = Digest::of(blob);
+    let half = blob.len() / 2;
+    let (_dir, blobs) = store();
+    let (mut partial, kept) = blobs.open_partial(&digest).unwrap();
+    assert_eq!(kept, 0);
+    partial.write_all(&blob[..half]).unwrap();
+    drop(partial);
+
+    let recorder = Recorder::default();
+    pull(&format!("{host}/app:v1"), &blobs, &insecure(), &recorder)
+        .await
+        .unwrap();
+    assert!(stored(&blobs, blob));
+    assert!(!blobs.partial_path(&digest).exists());
+    let progress = recorder.progress_of(&digest);
+    assert_eq!(
+        progress.first(),
+        Some(&(half as u64)),
+        "resumed at the half"
+    );
+    assert!(
+        progress.iter().all(|done| *done >= half as u64),
+        "{progress:?}"
+    );
+    assert_eq!(progress.last(), Some(&(blob.len() as u64)));
+}
+
+#[tokio::test]
+async fn a_stale_partial_file_is_discarded_and_downloaded_again() {
+    let registry = TestRegistry::start();
+    let host = registry.host();
+    let image = TestImage::new("amd64", vec![layer("big", &noise(256 << 10, 5))]);
+    push(&format!("{host}/app:v1"), &image, &RegistryAuth::Anonymous).await;
+    let blob = &image.layers[0];
+    let digest = Digest::of(blob);
+    let (_dir, blobs) = store();
+    let (mut partial, _) = blobs.open_partial(&digest).unwrap();
+    partial.write_all(&vec![0u8; blob.len() / 2]).unwrap();
+    drop(partial);
+
+    let recorder = Recorder::default();
+    pull(&format!("{host}/app:v1"), &blobs, &insecure(), &recorder)
+        .await
+        .unwrap();
+    assert!(stored(&blobs, blob));
+    let progress = recorder.progress_of(&digest);
+    assert!(progress.contains(&0), "started over: {progress:?}");
+}
+
+#[tokio::test]
+async fn basic_auth_is_required_and_checked() {
+    let registry = TestRegistry::start_with(Some(("tester", "s3cret")));
+    let host = registry.host();
+    let image = TestImage::new("amd64", vec![layer("secret", b"classified\n")]);
+    let good = RegistryAuth::Basic("tester".into(), "s3cret".into());
+    push(&format!("{host}/private:v1"), &image, &good).await;
+    let reference = format!("{host}/private:v1");
+    let (dir, blobs) = store();
+
+    let err = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::CredentialsNeeded { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("needs credentials"), "{err}");
+
+    let wrong = PullOptions {
+        credentials: Credentials::Basic {
+            username: "tester".into(),
+            password: "guess".into(),
+        },
+        ..insecure()
+    };
+    let err = pull(&reference, &blobs, &wrong, &NoProgress)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, RegistryError::CredentialsRefused { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("registry {host} refused the credentials"))
+            && !message.contains("guess"),
+        "{message}"
+    );
+    assert_eq!(stored_blob_count(dir.path()), 0);
+
+    let right = PullOptions {
+        credentials: Credentials::Basic {
+            username: "tester".into(),
+            password: "s3cret".into(),
+        },
+        ..insecure()
+    };
+    let pulled = pull(&reference, &blobs, &right, &NoProgress).await.unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+}
+
+/// A fake registry serving `image` as `app:v1`, with `fault` on its first layer.
+fn fake_serving(image: &TestImage, fault: Fault) -> FakeRegistry {
+    let mut blobs = image.layers.clone();
+    blobs.push(image.config.clone());
+    FakeRegistry::start(
+        "app",
+        vec![(
+            "v1".to_owned(),
+            MEDIA_TYPE_MANIFEST.to_owned(),
+            image.manifest.clone(),
+        )],
+        blobs,
+        vec![(Digest::of(&image.layers[0]).to_string(), fault)],
+    )
+}
+
+/// The `Range` header of each request the fake registry got for the blob.
+fn ranges_asked(fake: &FakeRegistry, digest: &Digest) -> Vec<Option<String>> {
+    let path = format!("/v2/app/blobs/{digest}");
+    fake.requests()
+        .into_iter()
+        .filter(|request| request.path == path)
+        .map(|request| request.range)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_broken_download_is_retried_from_where_it_stopped() {
+    let image = TestImage::new("amd64", vec![layer("big", &noise(256 << 10, 13))]);
+    let fake = fake_serving(&image, Fault::CutFirstAfter(100_000));
+    let digest = Digest::of(&image.layers[0]);
+    let (_dir, blobs) = store();
+
+    let recorder = Recorder::default();
+    let reference = format!("{}/app:v1", fake.host());
+    let pulled = pull(&reference, &blobs, &insecure(), &recorder)
+        .await
+        .unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+    assert_eq!(
+        ranges_asked(&fake, &digest),
+        [None, Some("bytes=100000-".to_owned())]
+    );
+    assert!(recorder.progress_of(&digest).contains(&100_000));
+}
+
+#[tokio::test]
+async fn a_registry_ignoring_ranges_gets_a_whole_download() {
+    let image = TestImage::new("amd64", vec![layer("big", &noise(128 << 10, 17))]);
+    let fake = fake_serving(&image, Fault::IgnoreRange);
+    let blob = &image.layers[0];
+    let digest = Digest::of(blob);
+    let half = blob.len() / 2;
+    let (_dir, blobs) = store();
+    let (mut partial, _) = blobs.open_partial(&digest).unwrap();
+    partial.write_all(&blob[..half]).unwrap();
+    drop(partial);
+
+    let recorder = Recorder::default();
+    let reference = format!("{}/app:v1", fake.host());
+    pull(&reference, &blobs, &insecure(), &recorder)
+        .await
+        .unwrap();
+    assert!(stored(&blobs, blob));
+    assert_eq!(
+        ranges_asked(&fake, &digest),
+        [Some(format!("bytes={half}-"))]
+    );
+    assert_eq!(
+        recorder.progress_of(&digest).first(),
+        Some(&0),
+        "started over"
+    );
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_but_a_missing_blob_is_not() {
+    let image = TestImage::new("amd64", vec![layer("a", b"a")]);
+    let digest = Digest::of(&image.layers[0]);
+    let fake = fake_serving(&image, Fault::FailFirst(503));
+    let (_dir, blobs) = store();
+    let reference = format!("{}/app:v1", fake.host());
+    let pulled = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+    assert_eq!(ranges_asked(&fake, &digest).len(), 2);
+
+    let fake = fake_serving(&image, Fault::FailFirst(404));
+    let (_dir, blobs) = store();
+    let reference = format!("{}/app:v1", fake.host());
+    let err = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, RegistryError::NotFound { .. }), "{message}");
+    assert_eq!(
+        message,
+        format!("blob {digest} not found in registry {}", fake.host())
+    );
+    assert_eq!(ranges_asked(&fake, &digest).len(), 1);
+}
+
+#[tokio::test]
+async fn docker_media_types_are_pulled_and_other_artifacts_refused() {
+    let image = TestImage::with_types("amd64", vec![layer("d", b"docker\n")], &DOCKER);
+    let mut entry = descriptor(MEDIA_TYPE_DOCKER_MANIFEST, &image.manifest);
+    entry["platform"] = json!({"os": "linux", "architecture": "amd64"});
+    let list = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_DOCKER_LIST,
+        "manifests": [entry],
+    }))
+    .unwrap();
+    const HELM: MediaTypes = MediaTypes {
+        manifest: MEDIA_TYPE_MANIFEST,
+        config: "application/vnd.cncf.helm.config.v1+json",
+        layer: "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+    };
+    let chart = TestImage::with_types("amd64", vec![layer("c", b"chart\n")], &HELM);
+    let fake = FakeRegistry::start(
+        "app",
+        vec![
+            ("docker".into(), MEDIA_TYPE_DOCKER_LIST.into(), list.clone()),
+            (
+                image.manifest_digest().to_string(),
+                MEDIA_TYPE_DOCKER_MANIFEST.into(),
+                image.manifest.clone(),
+            ),
+            (
+                "chart".into(),
+                MEDIA_TYPE_MANIFEST.into(),
+                chart.manifest.clone(),
+            ),
+        ],
+        [&image, &chart]
+            .iter()
+            .flat_map(|i| i.layers.iter().chain([&i.config]).cloned())
+            .collect(),
+        Vec::new(),
+    );
+    let (_dir, blobs) = store();
+
+    let reference = format!("{}/app:docker", fake.host());
+    let pulled = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+    assert!(stored(&blobs, &list));
+
+    let reference = format!("{}/app:chart", fake.host());
+    let err = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, RegistryError::UnsupportedMediaType { .. }),
+        "{message}"
+    );
+    assert!(message.contains(HELM.config), "{message}");
+    assert!(!blobs.path(&Digest::of(&chart.layers[0])).exists());
+}
