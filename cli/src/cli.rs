@@ -108,6 +108,9 @@ pub enum Verb {
     /// Show or change where a sandbox may connect to.
     #[command(long_about = EGRESS_ABOUT)]
     Egress(EgressArgs),
+    /// Pull, import, list and remove images (this machine's image store).
+    #[command(subcommand, long_about = IMAGE_ABOUT)]
+    Image(ImageVerb),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -166,7 +169,8 @@ pub struct SizeArgs {
     /// Guest memory in MiB.
     #[arg(long = "memory")]
     pub memory_mb: Option<u32>,
-    /// Base image name.
+    /// Base image: a local image name (`default`) or an image in the store
+    /// (`busybox`, `localhost:5000/app:1`, an id); see `arrakis image ls`.
     #[arg(long)]
     pub image: Option<String>,
     /// Boot the guest even when a golden snapshot of this image and shape
@@ -616,6 +620,91 @@ pub enum PortVerb {
         #[arg(value_name = "HOST_PORT", required = true)]
         host_ports: Vec<u16>,
     },
+}
+
+const IMAGE_ABOUT: &str = "\
+Pull, import, list and remove the images sandboxes boot from.
+
+Any OCI image works: it is converted once to an ext4 disk, cached by its
+manifest digest and shared read-only by every sandbox started from it
+(`arrakis start -n NAME --image REF`). Commands in such a sandbox run with
+the image's ENV, WORKDIR and USER unless told otherwise. These commands act
+on this machine's image store (under ARRAKIS_HOME), also with --server.
+
+Examples:
+  arrakis image pull python:3.12-slim
+  arrakis image pull --insecure localhost:5000/team/app:1
+  arrakis image import busybox.tar            # docker save, ctr export, OCI layout
+  arrakis image build -t myimage .            # ./Dockerfile, RUN steps in microVMs
+  arrakis image ls
+  arrakis image rm python:3.12-slim";
+
+#[derive(Debug, Subcommand)]
+pub enum ImageVerb {
+    /// Download an image from a registry and convert it.
+    Pull(PullArgs),
+    /// Import images from an OCI layout (directory or tar) or a `docker save` tar.
+    Import {
+        /// The archive or layout directory.
+        path: PathBuf,
+        /// Name the (single) imported image REF instead of the names in the archive.
+        #[arg(short, long, value_name = "REF")]
+        tag: Option<String>,
+    },
+    /// Build an image from a Dockerfile; every RUN step runs in a microVM, and each
+    /// step's result is cached by its inputs.
+    Build(BuildArgs),
+    /// List the images in the store.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Remove images; refused while a sandbox or snapshot uses one unless --force
+    /// (which only removes the name and keeps the disk for them).
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(value_name = "REF", required = true)]
+        images: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Remove untagged images nothing uses, unreferenced blobs and interrupted downloads.
+    Gc,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct BuildArgs {
+    /// The build context: the directory COPY and ADD read from.
+    #[arg(value_name = "CONTEXT")]
+    pub context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short, long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// The reference to tag the result with.
+    #[arg(short, long, value_name = "REF")]
+    pub tag: String,
+    /// A build argument, KEY=VALUE (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Run every step, ignoring cached results.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PullArgs {
+    /// `[REGISTRY/]NAME[:TAG][@DIGEST]`; Docker Hub when no registry is named.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Talk plain HTTP to the registry (e.g. one on localhost).
+    #[arg(long)]
+    pub insecure: bool,
+    /// User name for the registry; the password is read from stdin
+    /// (or ARRAKIS_REGISTRY_PASSWORD). Without it, credentials from
+    /// ~/.docker/config.json are used when present, else none.
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Layer downloads at once.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub parallel: u16,
 }
 
 const EGRESS_ABOUT: &str = "\

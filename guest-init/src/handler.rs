@@ -443,9 +443,11 @@ fn file_error(error: &FileError) -> ErrorBody {
 fn exec_error(error: &ExecError) -> ErrorBody {
     let code = match error {
         ExecError::EmptyArgv | ExecError::Invalid { .. } => ErrorCode::InvalidArgument,
-        ExecError::User(UserError::UnknownUser { .. } | UserError::BadSpec { .. }) => {
-            ErrorCode::InvalidArgument
-        }
+        ExecError::User(
+            UserError::UnknownUser { .. }
+            | UserError::UnknownGroup { .. }
+            | UserError::BadSpec { .. },
+        ) => ErrorCode::InvalidArgument,
         ExecError::Cwd { source, .. } | ExecError::Spawn { source, .. } => io_code(source),
         ExecError::CwdNotDir { .. } => ErrorCode::WrongKind,
         ExecError::Lost { .. } => ErrorCode::Internal,

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 pub enum UserError {
     #[error("user {name:?} not found in {passwd}")]
     UnknownUser { name: String, passwd: String },
-    #[error("invalid user {value:?}: expected a user name or a numeric uid")]
+    #[error("invalid user {value:?}: expected a user name or a numeric uid, optionally followed by `:group` or `:gid`")]
     BadSpec { value: String },
+    #[error("no group named {name:?} in {group}")]
+    UnknownGroup { name: String, group: String },
 }
 
 /// One `/etc/passwd` entry.
@@ -129,10 +131,16 @@ pub fn resolve(
     groups: &[GroupEntry],
     passwd_path: &Path,
 ) -> Result<Credentials, UserError> {
-    let spec = spec.map(str::trim).unwrap_or("root");
-    if spec.is_empty() || spec.contains([':', '\0', '\n']) {
+    let whole = spec.map(str::trim).unwrap_or("root");
+    // `user:group`, as an image's USER may say.
+    let (spec, group_spec) = match whole.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (whole, None),
+    };
+    let bad = |s: &str| s.is_empty() || s.contains([':', '\0', '\n']);
+    if bad(spec) || group_spec.is_some_and(bad) {
         return Err(UserError::BadSpec {
-            value: spec.to_owned(),
+            value: whole.to_owned(),
         });
     }
     let entry = match spec.parse::<u32>() {
@@ -168,7 +176,23 @@ pub fn resolve(
             }
         },
     };
-    let mut supplementary = vec![entry.gid];
+    let gid = match group_spec {
+        None => entry.gid,
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                groups
+                    .iter()
+                    .find(|g| g.name == group)
+                    .ok_or_else(|| UserError::UnknownGroup {
+                        name: group.to_owned(),
+                        group: passwd_path.with_file_name("group").display().to_string(),
+                    })?
+                    .gid
+            }
+        },
+    };
+    let mut supplementary = vec![gid];
     for group in groups {
         if group.members.contains(&entry.name) && !supplementary.contains(&group.gid) {
             supplementary.push(group.gid);
@@ -177,7 +201,7 @@ pub fn resolve(
     Ok(Credentials {
         name: entry.name,
         uid: entry.uid,
-        gid: entry.gid,
+        gid,
         groups: supplementary,
         home: if entry.home.is_empty() {
             "/".into()
@@ -257,6 +281,18 @@ mod tests {
     }
 
     #[test]
+    fn user_with_group_by_name_or_gid() {
+        let c = creds(Some("alice:27")).unwrap();
+        assert_eq!((c.uid, c.gid), (1000, 27));
+        assert_eq!(c.groups[0], 27);
+        let c = creds(Some("4242:4343")).unwrap();
+        assert_eq!((c.uid, c.gid, c.groups[0]), (4242, 4343, 4343));
+        let err = creds(Some("alice:nosuchgroup")).unwrap_err();
+        assert!(matches!(err, UserError::UnknownGroup { .. }), "{err}");
+        assert!(err.to_string().contains("/etc/group"), "{err}");
+    }
+
+    #[test]
     fn empty_home_and_shell_get_defaults() {
         let c = creds(Some("nohome")).unwrap();
         assert_eq!((c.home.as_str(), c.shell.as_str()), ("/", "/bin/sh"));
@@ -266,7 +302,11 @@ mod tests {
     fn unknown_and_malformed_users() {
         let err = creds(Some("mallory")).unwrap_err();
         assert!(err.to_string().contains("mallory"), "{err}");
-        assert!(matches!(creds(Some("a:b")), Err(UserError::BadSpec { .. })));
+        assert!(matches!(creds(Some("a:")), Err(UserError::BadSpec { .. })));
+        assert!(matches!(
+            creds(Some("a:b:c")),
+            Err(UserError::BadSpec { .. })
+        ));
         assert!(matches!(creds(Some("")), Err(UserError::BadSpec { .. })));
     }
 

@@ -83,6 +83,9 @@ pub struct RuntimeConfig {
     pub images_dir: PathBuf,
     /// Image used when a sandbox names none.
     pub default_image: String,
+    /// Free space an image pulled, imported or built gets in its ext4 disk beyond its
+    /// content, which is what its sandboxes can write. The file is sparse.
+    pub image_free_mb: u64,
     pub qemu_binary: PathBuf,
     pub qemu_img_binary: PathBuf,
     pub accel: AccelMode,
@@ -144,6 +147,7 @@ impl RuntimeConfig {
             initramfs: home.join("artifacts/initramfs.cpio"),
             images_dir: home.join("images"),
             default_image: "default".to_string(),
+            image_free_mb: 2048,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_img_binary: PathBuf::from("qemu-img"),
             accel: AccelMode::Auto,
@@ -216,6 +220,11 @@ impl RuntimeConfig {
             })?;
         }
         Ok(config)
+    }
+
+    /// [`RuntimeConfig::image_free_mb`] in bytes.
+    pub fn image_free_bytes(&self) -> u64 {
+        self.image_free_mb.saturating_mul(1 << 20)
     }
 
     pub fn boot_timeout(&self) -> Duration {

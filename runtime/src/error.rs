@@ -122,6 +122,12 @@ pub enum RuntimeError {
     /// No address or host port is left.
     #[error("{0}")]
     NetworkExhausted(String),
+    /// The image store (lookup, conversion, removal) failed.
+    #[error(transparent)]
+    Image(#[from] arrakis_image::store::StoreError),
+    /// Pulling from a registry failed.
+    #[error(transparent)]
+    Registry(#[from] arrakis_image::registry::RegistryError),
     #[error("{op} {path} failed")]
     Io {
         op: &'static str,
@@ -154,6 +160,8 @@ impl RuntimeError {
             RuntimeError::PortTaken { .. } => ErrorKind::Conflict,
             RuntimeError::NetworkUnsupported(_) => ErrorKind::InvalidArgument,
             RuntimeError::Network { .. } => ErrorKind::Internal,
+            RuntimeError::Image(source) => image_kind(source),
+            RuntimeError::Registry(source) => registry_kind(source),
             RuntimeError::Agent { source, .. } => agent_kind(source),
             RuntimeError::Boot { .. }
             | RuntimeError::Restore { .. }
@@ -180,6 +188,29 @@ impl RuntimeError {
     /// The error and all its causes on one line, for logs and API bodies.
     pub fn chain(&self) -> String {
         crate::agent::error_chain(self)
+    }
+}
+
+fn image_kind(error: &arrakis_image::store::StoreError) -> ErrorKind {
+    use arrakis_image::store::StoreError as E;
+    match error {
+        E::InvalidReference { .. } | E::Ambiguous { .. } => ErrorKind::InvalidArgument,
+        E::NotFound { .. } => ErrorKind::NotFound,
+        E::InUse { .. } => ErrorKind::Conflict,
+        E::Io { .. } | E::Index(_) | E::Oci(_) | E::Ext4 { .. } | E::DiskMissing { .. } => {
+            ErrorKind::Internal
+        }
+    }
+}
+
+fn registry_kind(error: &arrakis_image::registry::RegistryError) -> ErrorKind {
+    use arrakis_image::registry::RegistryError as E;
+    match error {
+        E::InvalidReference { .. } => ErrorKind::InvalidArgument,
+        E::NotFound { .. } | E::NoPlatform { .. } => ErrorKind::NotFound,
+        E::CredentialsNeeded { .. } | E::CredentialsRefused { .. } => ErrorKind::PermissionDenied,
+        E::Unreachable { .. } => ErrorKind::FailedPrecondition,
+        _ => ErrorKind::Internal,
     }
 }
 

@@ -43,6 +43,9 @@ pub use agent::{
 };
 pub use config::{AccelMode, ConfigError, RuntimeConfig};
 pub use error::{ErrorKind, RuntimeError};
-pub use manager::{ForkSource, Manager, SandboxInfo, SnapshotInfo, MAX_FORKS};
+pub use manager::{
+    BuildProgress, BuildRequest, ExecDefaults, ForkSource, ImportedImage, Manager, QuietBuild,
+    SandboxInfo, SnapshotInfo, MAX_FORKS,
+};
 pub use sandbox::{InvalidTransition, Operation, SandboxState};
 pub use spec::SandboxSpec;

@@ -62,7 +62,8 @@ pub struct ResolvedSpec {
     pub vcpus: u32,
     pub memory_mb: u32,
     pub image: String,
-    /// `<images_dir>/<image>/rootfs.ext4`, before symlinks are resolved.
+    /// `<images_dir>/<image>/rootfs.ext4`, before symlinks are resolved. When no such file
+    /// exists the image is looked up in the image store instead.
     pub image_path: PathBuf,
     pub env: BTreeMap<String, String>,
     pub egress: EgressPolicy,
@@ -104,10 +105,15 @@ pub fn resolve(spec: &SandboxSpec, config: &RuntimeConfig) -> Result<ResolvedSpe
         .image
         .clone()
         .unwrap_or_else(|| config.default_image.clone());
-    validate_image_name(&image).map_err(|message| SpecError {
-        field: "image",
-        message,
-    })?;
+    if let Err(message) = validate_image_name(&image) {
+        // Not a local image name: it must be a reference to an image in the store.
+        if let Err(err) = arrakis_image::store::ImageRef::parse(&image) {
+            return Err(SpecError {
+                field: "image",
+                message: format!("{message}; nor is it an image reference: {err}"),
+            });
+        }
+    }
     let image_path = image_path(&config.images_dir, &image);
     validate_env(&spec.env).map_err(|message| SpecError {
         field: "env",

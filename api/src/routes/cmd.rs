@@ -37,10 +37,12 @@ pub(crate) async fn run(
     JsonBody(request): JsonBody<CmdRequest>,
 ) -> Result<Json<CmdResponse>, ApiError> {
     request.validate()?;
+    let defaults = super::exec_defaults(&state, &name).await?;
     let exec = ExecRequest {
         command: Command::Shell(request.cmd.clone()),
-        env: super::sandbox_env(&state, &name).await?,
-        cwd: Some(WORK_DIR.to_string()),
+        env: defaults.env,
+        cwd: Some(defaults.cwd.unwrap_or_else(|| WORK_DIR.to_string())),
+        user: defaults.user,
         timeout_ms: timeout_ms(request.timeout_secs)?,
         ..ExecRequest::default()
     };

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use arrakis_protocol::ExitStatus;
-use arrakis_runtime::{AgentClient, AgentError, ExecEvent, ExecOptions, ExecSession};
+use arrakis_runtime::{AgentClient, AgentError, ExecDefaults, ExecEvent, ExecOptions, ExecSession};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
@@ -22,8 +22,8 @@ use axum::Json;
 use bytes::Bytes;
 use futures_util::Stream;
 
+use super::exec_defaults;
 use super::in_vm;
-use super::sandbox_env;
 use crate::error::ApiError;
 use crate::extract::{parse_body, JsonBody, VmName};
 use crate::wire::exec::{ExecBody, ExecExit, ExecResult, OutputChunk, Utf8Chunker, WsMessage};
@@ -58,8 +58,8 @@ pub(crate) async fn exec(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let env = sandbox_env(&state, &name).await?;
-    let request = body.to_request(&env, false)?;
+    let defaults = exec_defaults(&state, &name).await?;
+    let request = body.to_request(&defaults, false)?;
     let agent = state.manager.agent(&name).await?;
     let in_vm = in_vm(&name);
     agent.mkdir(WORK_DIR, true, None).await.map_err(&in_vm)?;
@@ -230,11 +230,11 @@ pub(crate) async fn exec_ws(
         ))
     })?;
     // Fail before upgrading when the VM cannot run commands.
-    let env = sandbox_env(&state, &name).await?;
+    let defaults = exec_defaults(&state, &name).await?;
     let agent = state.manager.agent(&name).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         let mut socket = socket;
-        if let Err(message) = ws_session(&mut socket, &agent, &env).await {
+        if let Err(message) = ws_session(&mut socket, &agent, &defaults).await {
             let _ = send(&mut socket, &WsMessage::Error { message }).await;
         }
         let _ = socket.send(Message::Close(None)).await;
@@ -252,7 +252,7 @@ async fn send(socket: &mut WebSocket, message: &WsMessage) -> Result<(), String>
 async fn ws_session(
     socket: &mut WebSocket,
     agent: &AgentClient,
-    env: &std::collections::BTreeMap<String, String>,
+    defaults: &ExecDefaults,
 ) -> Result<(), String> {
     let first = loop {
         match socket.recv().await {
@@ -264,7 +264,7 @@ async fn ws_session(
         }
     };
     let body: ExecBody = parse_body(&first).map_err(|e| e.message)?;
-    let request = body.to_request(env, true).map_err(|e| e.message)?;
+    let request = body.to_request(defaults, true).map_err(|e| e.message)?;
     agent
         .mkdir(WORK_DIR, true, None)
         .await

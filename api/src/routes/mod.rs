@@ -10,11 +10,12 @@ mod network;
 mod snapshots;
 mod vms;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+use arrakis_runtime::ExecDefaults;
 
 use crate::error::ApiError;
 use crate::openapi::{__path_openapi_json, openapi_json};
@@ -112,10 +113,11 @@ async fn agent_failure(
     }
 }
 
-/// The environment a sandbox was created with, under which every command
-/// in it runs. Also answers 404 for an unknown sandbox.
-async fn sandbox_env(state: &AppState, name: &str) -> Result<BTreeMap<String, String>, ApiError> {
-    Ok(state.manager.get(name).await?.env)
+/// What every command in a sandbox starts from: its image's ENV, WORKDIR
+/// and USER and the environment it was created with. Also answers 404 for
+/// an unknown sandbox.
+async fn exec_defaults(state: &AppState, name: &str) -> Result<ExecDefaults, ApiError> {
+    Ok(state.manager.exec_defaults(name).await?)
 }
 
 /// Runs a lifecycle operation in its own task, so a client that hangs up

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use arrakis_protocol::{Command, ExecRequest, ExitStatus};
+use arrakis_runtime::ExecDefaults;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -42,12 +43,12 @@ pub struct ExecBody {
 }
 
 impl ExecBody {
-    /// The agent request, with `cwd` resolved and `base_env` (the sandbox's
-    /// environment) under this request's own `env`. `interactive` keeps
-    /// stdin open for the caller.
+    /// The agent request, with `cwd` resolved and the sandbox's defaults
+    /// (its image's ENV, WORKDIR and USER, its own environment) under this
+    /// request's own settings. `interactive` keeps stdin open for the caller.
     pub fn to_request(
         &self,
-        base_env: &BTreeMap<String, String>,
+        defaults: &ExecDefaults,
         interactive: bool,
     ) -> Result<ExecRequest, ApiError> {
         let command = match (&self.argv, &self.shell) {
@@ -92,20 +93,23 @@ impl ExecBody {
         }
         let timeout_ms = timeout_ms(self.timeout_secs)?;
         let cwd = match self.cwd.as_deref() {
-            None => super::WORK_DIR.to_string(),
+            None => defaults
+                .cwd
+                .clone()
+                .unwrap_or_else(|| super::WORK_DIR.to_string()),
             Some("") => return Err(ApiError::bad_request("cwd is empty")),
             Some(cwd) => super::guest_path(cwd),
         };
         if self.user.as_deref() == Some("") {
             return Err(ApiError::bad_request("user is empty: give a name or a uid"));
         }
-        let mut env = base_env.clone();
+        let mut env = defaults.env.clone();
         env.extend(self.env.clone());
         Ok(ExecRequest {
             command,
             env,
             cwd: Some(cwd),
-            user: self.user.clone(),
+            user: self.user.clone().or_else(|| defaults.user.clone()),
             timeout_ms,
             stdin: interactive || self.stdin.is_some(),
         })
@@ -238,6 +242,13 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
 mod tests {
     use super::*;
 
+    fn defaults(env: BTreeMap<String, String>) -> ExecDefaults {
+        ExecDefaults {
+            env,
+            ..ExecDefaults::default()
+        }
+    }
+
     fn body(json: &str) -> ExecBody {
         serde_json::from_str(json).unwrap()
     }
@@ -248,7 +259,7 @@ mod tests {
         let request = body(
             r#"{"argv":["ls","-l"],"env":{"B":"3"},"cwd":"sub","user":"arrakis","timeoutSecs":1.5}"#,
         )
-        .to_request(&base, false)
+        .to_request(&defaults(base), false)
         .unwrap();
         assert_eq!(
             request.command,
@@ -260,7 +271,7 @@ mod tests {
         assert_eq!(request.timeout_ms, Some(1500));
         assert!(!request.stdin);
         let request = body(r#"{"shell":"echo hi","stdin":"x"}"#)
-            .to_request(&BTreeMap::new(), false)
+            .to_request(&ExecDefaults::default(), false)
             .unwrap();
         assert_eq!(request.command, Command::Shell("echo hi".into()));
         assert_eq!(request.cwd.as_deref(), Some("/tmp/server_files"));
@@ -282,7 +293,9 @@ mod tests {
             (r#"{"shell":"a","cwd":""}"#, "cwd"),
             (r#"{"shell":"a","user":""}"#, "user"),
         ] {
-            let err = body(json).to_request(&BTreeMap::new(), false).unwrap_err();
+            let err = body(json)
+                .to_request(&ExecDefaults::default(), false)
+                .unwrap_err();
             assert_eq!(err.status.as_u16(), 400, "{json}");
             assert!(err.message.contains(hint), "{json}: {}", err.message);
         }

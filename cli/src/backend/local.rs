@@ -86,7 +86,13 @@ pub async fn exec(
     body: &ExecBody,
     interactive: bool,
 ) -> anyhow::Result<ExecSession> {
-    let request = request(body, interactive)?;
+    let mut request = request(body, interactive)?;
+    let defaults = manager.exec_defaults(name).await?;
+    let mut env = defaults.env;
+    env.append(&mut request.env);
+    request.env = env;
+    request.cwd = request.cwd.or(defaults.cwd);
+    request.user = request.user.or(defaults.user);
     let agent = manager.agent(name).await?;
     let session = agent.exec_stream(request).await?;
     if let Some(text) = body.stdin.clone() {

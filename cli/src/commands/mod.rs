@@ -5,6 +5,7 @@
 mod cp;
 mod exec;
 mod fs;
+mod image;
 mod lifecycle;
 mod network;
 mod serve;
@@ -68,6 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Verb::Snapshots(snapshots) => lifecycle::snapshots(backend, snapshots, json).await,
         Verb::Port(verb) => network::port(backend, verb, json).await,
         Verb::Egress(egress) => network::egress(backend, egress, json).await,
+        Verb::Image(verb) => image::run(backend, verb, json).await,
         Verb::Completions { .. } | Verb::Serve(_) => unreachable!("handled above"),
     }
 }

@@ -68,8 +68,15 @@ fn argv(command: &Command, root: &Path) -> Result<(String, Vec<String>), ExecErr
         Command::Shell(script) => {
             let shell = if root.join("bin/bash").exists() {
                 "/bin/bash"
-            } else {
+            } else if root.join("bin/sh").exists() {
                 "/bin/sh"
+            } else {
+                return Err(ExecError::Invalid {
+                    field: "command".into(),
+                    reason: "this image has no shell (/bin/sh): run the program directly \
+                             (argv) instead of a shell command line"
+                        .into(),
+                });
             };
             (shell.to_owned(), vec!["-c".to_owned(), script.clone()])
         }
@@ -171,12 +178,15 @@ mod tests {
     fn shell_prefers_bash_in_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let shell = Command::Shell("echo hi".into());
+        let err = ExecSpec::from_request(&request(shell.clone()), dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no shell"), "{err}");
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/sh"), "").unwrap();
         let spec = ExecSpec::from_request(&request(shell.clone()), dir.path()).unwrap();
         assert_eq!(
             (spec.program.as_str(), spec.args.as_slice()),
             ("/bin/sh", &["-c".to_owned(), "echo hi".to_owned()][..])
         );
-        std::fs::create_dir(dir.path().join("bin")).unwrap();
         std::fs::write(dir.path().join("bin/bash"), "").unwrap();
         let spec = ExecSpec::from_request(&request(shell), dir.path()).unwrap();
         assert_eq!(spec.program, "/bin/bash");

@@ -120,7 +120,16 @@ impl Manager {
     }
 
     pub(super) async fn clear_golden_snapshots_inner(&self) -> Result<usize, RuntimeError> {
-        let snaps = self.ready_snapshots(true)?;
+        self.clear_golden_snapshots_of(None).await
+    }
+
+    /// Deletes the golden snapshots booted from base disk `image` (all with `None`).
+    pub(super) async fn clear_golden_snapshots_of(
+        &self,
+        image: Option<&Path>,
+    ) -> Result<usize, RuntimeError> {
+        let mut snaps = self.ready_snapshots(true)?;
+        snaps.retain(|snap| image.is_none_or(|image| snap.image_path == image));
         let deleted = snaps.len();
         for snap in snaps {
             self.delete_snapshot_record(snap).await?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arrakis_protocol::ConfigureRequest;
 
+use super::images;
 use super::network::NetPlan;
 use super::{
     create_private_dir, insert_error, lock_error, now_secs, remove_file_if_exists, Manager,
@@ -32,11 +33,13 @@ const GOLDEN_HOSTNAME: &str = "sandbox";
 const SETUP_HINT: &str = "run scripts/setup, or point the runtime config at it";
 
 impl Manager {
+    /// Creates a sandbox; `base` (image builds) replaces the spec's image with a disk.
     pub(super) async fn create_inner(
         &self,
         spec: SandboxSpec,
+        base: Option<images::ResolvedImage>,
     ) -> Result<SandboxInfo, RuntimeError> {
-        let (record, plan) = self.validate_new(&spec)?;
+        let (record, plan) = self.validate_new(&spec, base)?;
         let golden_key = match spec.cold_boot {
             true => None,
             false => self.golden_key(&record).await,
@@ -100,7 +103,11 @@ impl Manager {
     }
 
     /// Checks the request and the host's artifacts; nothing is created.
-    fn validate_new(&self, spec: &SandboxSpec) -> Result<(SandboxRecord, NetPlan), RuntimeError> {
+    fn validate_new(
+        &self,
+        spec: &SandboxSpec,
+        base: Option<images::ResolvedImage>,
+    ) -> Result<(SandboxRecord, NetPlan), RuntimeError> {
         let config = &self.inner.config;
         let resolved = spec::resolve(spec, config).map_err(|e| RuntimeError::InvalidArgument {
             field: e.field,
@@ -108,26 +115,24 @@ impl Manager {
         })?;
         require_file("guest kernel", &config.kernel)?;
         require_file("guest initramfs", &config.initramfs)?;
-        let image_path = match std::fs::canonicalize(&resolved.image_path) {
-            Ok(path) if path.is_file() => path,
-            _ if spec.image.is_none() => {
-                return Err(RuntimeError::MissingArtifact {
-                    what: "default base image",
-                    path: resolved.image_path,
-                    hint: SETUP_HINT,
-                })
+        let image = if let Some(base) = base {
+            base
+        } else if spec.image.is_none() {
+            match std::fs::canonicalize(&resolved.image_path) {
+                Ok(path) if path.is_file() => images::ResolvedImage {
+                    name: resolved.image,
+                    path,
+                },
+                _ => {
+                    return Err(RuntimeError::MissingArtifact {
+                        what: "default base image",
+                        path: resolved.image_path,
+                        hint: SETUP_HINT,
+                    })
+                }
             }
-            _ => {
-                return Err(RuntimeError::InvalidArgument {
-                    field: "image",
-                    message: format!(
-                        "no image named {:?} (no file {}); available: {}",
-                        resolved.image,
-                        resolved.image_path.display(),
-                        self.available_images().join(", ")
-                    ),
-                })
-            }
+        } else {
+            self.resolve_image(&resolved.image, &resolved.image_path)?
         };
         let plan = self.plan_for(resolved.egress, resolved.forwards)?;
         let record = SandboxRecord {
@@ -135,8 +140,8 @@ impl Manager {
             id: new_id()?,
             vcpus: resolved.vcpus,
             memory_mb: resolved.memory_mb,
-            image: resolved.image,
-            image_path,
+            image: image.name,
+            image_path: image.path,
             state: SandboxState::Creating,
             pid: None,
             accel: self.inner.accel.kind(),
@@ -148,22 +153,6 @@ impl Manager {
             network: None,
         };
         Ok((record, plan))
-    }
-
-    fn available_images(&self) -> Vec<String> {
-        let dir = &self.inner.config.images_dir;
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| entry.file_name().into_string().ok())
-            .filter(|name| spec::image_path(dir, name).is_file())
-            .collect();
-        names.sort();
-        if names.is_empty() {
-            names.push("(none)".to_string());
-        }
-        names
     }
 
     /// The sandbox directory and its disk: a root layer over the base image.

@@ -17,8 +17,10 @@
 //! (`max_sandboxes`) is checked in the same store transaction that inserts
 //! a new record.
 
+mod build;
 mod fork;
 mod golden;
+mod images;
 mod lifecycle;
 mod network;
 mod reconcile;
@@ -46,7 +48,9 @@ use crate::store::{SandboxRecord, Store, StoreError};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{VmHandle, Vmm};
 
+pub use build::{BuildProgress, BuildRequest, QuietBuild};
 pub use fork::{ForkSource, MAX_FORKS};
+pub use images::{ExecDefaults, ImportedImage};
 pub use snapshot::SnapshotInfo;
 
 /// Handshake bound when connecting to the agent of a running sandbox.
@@ -169,7 +173,7 @@ impl Manager {
     /// failure everything created is removed again.
     pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo, RuntimeError> {
         let span = tracing::info_span!("sandbox", name = %spec.name);
-        self.create_inner(spec).instrument(span).await
+        self.create_inner(spec, None).instrument(span).await
     }
 
     /// Boots a stopped or crashed sandbox again, on its existing disk.

@@ -583,7 +583,7 @@ async fn create_validates_before_touching_anything() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     let text = err.to_string();
     assert!(
-        text.starts_with("invalid image: no image named \"ubuntu\""),
+        text.starts_with("invalid image: no image \"ubuntu\": not a local image"),
         "{text}"
     );
     assert!(text.contains("available: debian, default"), "{text}");
