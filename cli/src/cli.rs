@@ -650,6 +650,10 @@ pub enum ImageVerb {
         /// Name the (single) imported image REF instead of the names in the archive.
         #[arg(short, long, value_name = "REF")]
         tag: Option<String>,
+        /// PATH is a plain root file system tarball (like `docker import`), which
+        /// becomes a one-layer image named by --tag.
+        #[arg(long, requires = "tag")]
+        rootfs: bool,
     },
     /// Build an image from a Dockerfile; every RUN step runs in a microVM, and each
     /// step's result is cached by its inputs.
@@ -667,7 +671,11 @@ pub enum ImageVerb {
         force: bool,
     },
     /// Remove untagged images nothing uses, unreferenced blobs and interrupted downloads.
-    Gc,
+    Gc {
+        /// Also remove the cached steps of image builds (the next build runs every step).
+        #[arg(long)]
+        build_cache: bool,
+    },
 }
 
 #[derive(Debug, ClapArgs)]

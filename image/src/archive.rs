@@ -520,6 +520,100 @@ fn import_docker_layer(
     Ok(plain_descriptor(media_type, digest, size))
 }
 
+/// Imports a plain root file system tarball (plain, gzip or zstd; what `mmdebstrap` or
+/// `tar -C rootfs -c .` write, like `docker import`) as a one-layer image with an empty run
+/// config, and returns its manifest. The tarball is stored as the layer as is; its entries are
+/// checked when the image is unpacked.
+pub fn import_rootfs(path: &Path, blobs: &BlobDir) -> Result<Descriptor, ArchiveError> {
+    let mut file = File::open(path).map_err(|source| io_error("opening", path, source))?;
+    let read_error = |source| io_error("reading", path, source);
+    let mut head = Vec::with_capacity(4);
+    (&mut file)
+        .take(4)
+        .read_to_end(&mut head)
+        .map_err(read_error)?;
+    file.rewind().map_err(read_error)?;
+    let compression = unpack::detect(&head);
+    let (digest, size) = blobs
+        .write(&mut file, None)
+        .map_err(|source| ArchiveError::Import {
+            what: format!("`{}`", path.display()),
+            source,
+        })?;
+    let media_type = match compression {
+        Compression::None => MEDIA_TYPE_LAYER,
+        Compression::Gzip => MEDIA_TYPE_LAYER_GZIP,
+        Compression::Zstd => MEDIA_TYPE_LAYER_ZSTD,
+    };
+    let diff_id = match compression {
+        Compression::None => digest.clone(),
+        _ => {
+            let stored = blobs.path(&digest);
+            let blob =
+                File::open(&stored).map_err(|source| io_error("reading", &stored, source))?;
+            uncompressed_digest(io::BufReader::new(blob), compression)
+                .map_err(|source| io_error("decompressing", path, source))?
+        }
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+    });
+    let config = serde_json::to_vec(&config).expect("a config serializes");
+    let store = |bytes: &[u8], what: &str| {
+        blobs
+            .write_bytes(bytes)
+            .map_err(|source| ArchiveError::Import {
+                what: what.to_owned(),
+                source,
+            })
+    };
+    let config_digest = store(&config, "the config made for the root file system")?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_MANIFEST.to_owned()),
+        config: plain_descriptor(MEDIA_TYPE_CONFIG, config_digest, config.len() as u64),
+        layers: vec![plain_descriptor(media_type, digest, size)],
+    };
+    let manifest = serde_json::to_vec(&manifest).expect("a manifest serializes");
+    let manifest_digest = store(&manifest, "the manifest made for the root file system")?;
+    Ok(plain_descriptor(
+        MEDIA_TYPE_MANIFEST,
+        manifest_digest,
+        manifest.len() as u64,
+    ))
+}
+
+/// The sha256 of what `reader` decompresses to.
+fn uncompressed_digest(reader: impl io::BufRead, compression: Compression) -> io::Result<Digest> {
+    use sha2::Digest as _;
+    struct Hasher(sha2::Sha256);
+    impl io::Write for Hasher {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hasher = Hasher(sha2::Sha256::new());
+    match compression {
+        Compression::None => io::copy(&mut { reader }, &mut hasher)?,
+        Compression::Gzip => io::copy(
+            &mut flate2::bufread::MultiGzDecoder::new(reader),
+            &mut hasher,
+        )?,
+        Compression::Zstd => io::copy(
+            &mut zstd::stream::read::Decoder::with_buffer(reader)?,
+            &mut hasher,
+        )?,
+    };
+    Ok(Digest::from_sha256(hasher.0))
+}
+
 fn plain_descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     Descriptor {
         media_type: media_type.to_owned(),

@@ -167,6 +167,8 @@ pub struct PreparedImage {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
     pub rootfs_removed: Vec<Digest>,
+    /// Cached build steps removed (only when asked to).
+    pub build_steps_removed: usize,
     pub blobs_removed: usize,
     pub bytes_freed: u64,
 }
@@ -479,12 +481,30 @@ impl ImageStore {
 
     /// Removes what no tag reaches: root file systems of untagged images (unless `in_use`
     /// says a sandbox or snapshot still boots from that file), blobs no tagged image
-    /// references, partial downloads and leftovers of interrupted conversions.
-    pub fn gc(&self, in_use: &dyn Fn(&Path) -> bool) -> Result<GcReport, StoreError> {
+    /// references, partial downloads and leftovers of interrupted conversions. With
+    /// `build_cache`, also the cached step results of image builds (`build/`) no sandbox uses;
+    /// images built from them keep their own link to the disk.
+    pub fn gc(
+        &self,
+        in_use: &dyn Fn(&Path) -> bool,
+        build_cache: bool,
+    ) -> Result<GcReport, StoreError> {
         let _lock = self.lock()?;
         let index = self.read_index()?;
         let layout = OciLayout::open(self.blobs.layout()).map_err(StoreError::Index)?;
         let mut report = GcReport::default();
+        if build_cache {
+            let cache = self.dir.join("build");
+            for entry in fs::read_dir(&cache).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if in_use(&path.join("rootfs.ext4")) {
+                    continue;
+                }
+                report.bytes_freed += dir_bytes(&path);
+                fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
+                report.build_steps_removed += 1;
+            }
+        }
 
         let mut live_blobs: HashSet<String> = HashSet::new();
         let mut tagged: HashSet<String> = HashSet::new();

@@ -24,12 +24,13 @@ pub async fn run(backend: &Backend, verb: ImageVerb, json: bool) -> anyhow::Resu
             let image = progress::pull(manager, args).await?;
             imported(&[image], json)?;
         }
-        ImageVerb::Import { path, tag } => {
+        ImageVerb::Import { path, tag, rootfs } => {
             let manager = manager.clone();
-            let images =
-                tokio::task::spawn_blocking(move || manager.import_image(&path, tag.as_deref()))
-                    .await
-                    .context("the import task failed")??;
+            let images = tokio::task::spawn_blocking(move || {
+                manager.import_image(&path, tag.as_deref(), rootfs)
+            })
+            .await
+            .context("the import task failed")??;
             imported(&images, json)?;
         }
         ImageVerb::Build(args) => {
@@ -45,10 +46,11 @@ pub async fn run(backend: &Backend, verb: ImageVerb, json: bool) -> anyhow::Resu
                 }
             }
         }
-        ImageVerb::Gc => {
-            let report = manager.gc_images().await?;
+        ImageVerb::Gc { build_cache } => {
+            let report = manager.gc_images(build_cache).await?;
             let summary = GcSummary {
                 images_removed: report.rootfs_removed.len(),
+                build_steps_removed: report.build_steps_removed,
                 blobs_removed: report.blobs_removed,
                 bytes_freed: report.bytes_freed,
             };
@@ -56,9 +58,10 @@ pub async fn run(backend: &Backend, verb: ImageVerb, json: bool) -> anyhow::Resu
                 output::json(&summary)?;
             } else {
                 output::print(&format!(
-                    "removed {} images and {} blobs, freed {}\n",
+                    "removed {} images, {} blobs and {} cached build steps, freed {}\n",
                     summary.images_removed,
                     summary.blobs_removed,
+                    summary.build_steps_removed,
                     human_bytes(summary.bytes_freed)
                 ))?;
             }
@@ -114,6 +117,7 @@ impl BuildProgress for StepPrinter {
 #[serde(rename_all = "camelCase")]
 struct GcSummary {
     images_removed: usize,
+    build_steps_removed: usize,
     blobs_removed: usize,
     bytes_freed: u64,
 }

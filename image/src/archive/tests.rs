@@ -666,3 +666,53 @@ fn unrelated_files_are_not_archives() {
     assert!(matches!(err, ArchiveError::Empty { .. }), "{err:?}");
     assert!(env.scratch_is_clean());
 }
+
+#[test]
+fn a_rootfs_tarball_becomes_a_one_layer_image() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let blobs = BlobDir::create(store_dir.path()).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_path("etc/os-release").unwrap();
+    header.set_size(5);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1);
+    header.set_cksum();
+    builder.append(&header, &b"test\n"[..]).unwrap();
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let archive = store_dir.path().join("rootfs.tar.gz");
+    fs::write(&archive, gz.finish().unwrap()).unwrap();
+
+    let manifest = import_rootfs(&archive, &blobs).unwrap();
+    let index = Index {
+        schema_version: 2,
+        media_type: None,
+        manifests: vec![manifest],
+    };
+    fs::write(
+        store_dir.path().join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let layout = OciLayout::open(store_dir.path()).unwrap();
+    let (image, config) = layout.resolve(None).unwrap();
+    assert_eq!(image.layers.len(), 1);
+    assert_eq!(image.layers[0].media_type, MEDIA_TYPE_LAYER_GZIP);
+    assert_eq!(config.rootfs.diff_ids, vec![Digest::of(&tar)]);
+    let root = tempfile::tempdir().unwrap();
+    oci::unpack_image(
+        &layout,
+        &image,
+        root.path(),
+        &unpack::UnpackOptions::for_current_user(),
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read(root.path().join("etc/os-release")).unwrap(),
+        b"test\n"
+    );
+}

@@ -125,7 +125,9 @@ impl ConfigState {
                     .map(|(key, value)| format!("{key}={value}"))
                     .collect()
             }),
-            working_dir: Some(self.workdir.clone()),
+            // `/` is where a process starts anyway; leaving it unset keeps the runtime's own
+            // default working directory for commands in sandboxes of the image.
+            working_dir: (self.workdir != "/").then(|| self.workdir.clone()),
             user: self.user.clone(),
             exposed_ports: nonempty(self.exposed_ports.is_empty()).then(|| {
                 self.exposed_ports

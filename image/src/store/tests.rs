@@ -221,7 +221,7 @@ fn gc_keeps_tagged_and_in_use_images_and_drops_the_rest() {
     store.untag(&r("used")).unwrap();
     store.untag(&r("gone")).unwrap();
     let used_rootfs = store.rootfs_path(&used.digest);
-    let report = store.gc(&|path| path == used_rootfs).unwrap();
+    let report = store.gc(&|path| path == used_rootfs, false).unwrap();
     assert_eq!(report.rootfs_removed, vec![gone.digest.clone()]);
     // The untagged images' manifest, config and layer blobs: 3 each.
     assert_eq!(report.blobs_removed, 6);

@@ -144,25 +144,39 @@ impl Manager {
 
     /// Imports the images of an OCI image layout (a directory or a tar of one, as `ctr
     /// export` writes) or a `docker save` tarball, tags them with the names the archive gives
-    /// them (or with `tag`, for an archive of one image) and converts each to ext4.
-    /// Blocking: run it off the async threads.
+    /// them (or with `tag`, for an archive of one image) and converts each to ext4. With
+    /// `rootfs`, `path` is instead a plain root file system tarball (like `docker import`),
+    /// which becomes a one-layer image named `tag`. Blocking: run it off the async threads.
     pub fn import_image(
         &self,
         path: &Path,
         tag: Option<&str>,
+        rootfs: bool,
     ) -> Result<Vec<ImportedImage>, RuntimeError> {
         use arrakis_image::archive;
         let store = self.image_store()?;
         let tag = tag.map(ImageRef::parse).transpose()?;
-        let imported = if path.is_dir() {
-            archive::import_layout_dir(path, store.blobs())
-        } else {
-            archive::import_archive(path, store.blobs())
-        }
-        .map_err(|source| RuntimeError::InvalidArgument {
+        let bad_archive = |source: archive::ArchiveError| RuntimeError::InvalidArgument {
             field: "archive",
             message: crate::agent::error_chain(&source),
-        })?;
+        };
+        let imported = if rootfs {
+            let Some(tag) = &tag else {
+                return Err(RuntimeError::InvalidArgument {
+                    field: "tag",
+                    message: "a root file system tarball has no name; give one with --tag".into(),
+                });
+            };
+            let manifest = archive::import_rootfs(path, store.blobs()).map_err(bad_archive)?;
+            vec![archive::ImportedImage {
+                references: vec![tag.as_str().to_owned()],
+                manifest,
+            }]
+        } else if path.is_dir() {
+            archive::import_layout_dir(path, store.blobs()).map_err(bad_archive)?
+        } else {
+            archive::import_archive(path, store.blobs()).map_err(bad_archive)?
+        };
         if tag.is_some() && imported.len() != 1 {
             return Err(RuntimeError::InvalidArgument {
                 field: "tag",
@@ -266,17 +280,18 @@ impl Manager {
             self.clear_golden_snapshots_of(Some(&rootfs)).await?;
         }
         store.untag(&reference)?;
-        self.gc_images().await?;
+        self.gc_images(false).await?;
         Ok(reference)
     }
 
     /// Removes untagged images no sandbox or snapshot boots from, unreferenced blobs and
-    /// leftovers of interrupted pulls and conversions.
-    pub async fn gc_images(&self) -> Result<GcReport, RuntimeError> {
+    /// leftovers of interrupted pulls and conversions; with `build_cache`, also the cached
+    /// steps of image builds.
+    pub async fn gc_images(&self, build_cache: bool) -> Result<GcReport, RuntimeError> {
         let in_use = self.base_disks_in_use()?;
         let store = self.image_store()?;
         let dir = store.dir().to_path_buf();
-        tokio::task::spawn_blocking(move || store.gc(&|path| in_use.contains(path)))
+        tokio::task::spawn_blocking(move || store.gc(&|path| in_use.contains(path), build_cache))
             .await
             .map_err(|e| RuntimeError::Io {
                 op: "collecting garbage in",
