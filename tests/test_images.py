@@ -447,3 +447,27 @@ def test_a_failing_run_step_names_the_step_and_leaves_no_vm(home, pushed, tmp_pa
     assert "before" in result.stderr
     assert json.loads(arrakis(home, "--json", "list").stdout) == []
     assert "broken" not in arrakis(home, "image", "ls").stdout
+
+
+def test_an_image_without_a_shell_still_runs_commands_and_file_operations(home, registry, tmp_path):
+    layer = Layer()
+    layer.dir("bin")
+    layer.file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+    push(registry, "test/noshell", "1", [layer.bytes()], {"architecture": "amd64", "os": "linux", "config": {}})
+    reference = f"{registry}/test/noshell:1"
+    arrakis(home, "image", "pull", "--insecure", reference)
+    arrakis(home, "create", "noshell", "--image", reference)
+    try:
+        out = arrakis(home, "exec", "noshell", "--", "/bin/busybox", "echo", "direct").stdout
+        assert out == "direct\n"
+        refused = arrakis(home, "exec", "noshell", "--shell", "--", "echo hi", check=False)
+        assert refused.returncode != 0
+        assert "no shell" in refused.stderr, refused.stderr
+        (tmp_path / "f.txt").write_text("file ops need no tools\n")
+        arrakis(home, "cp", str(tmp_path / "f.txt"), "noshell:/data/f.txt")
+        listing = arrakis(home, "fs", "ls", "noshell", "/data").stdout
+        assert "f.txt" in listing, listing
+        arrakis(home, "cp", "noshell:/data/f.txt", str(tmp_path / "back.txt"))
+        assert (tmp_path / "back.txt").read_text() == "file ops need no tools\n"
+    finally:
+        arrakis(home, "destroy", "noshell")
