@@ -461,6 +461,15 @@ impl ImageStore {
         work
     }
 
+    /// Keeps [`ImageStore::gc`] away while held: taken by pulls, imports and builds from their
+    /// first blob to their tag, so nothing they wrote looks unreferenced in between. Many
+    /// holders may run at once; gc waits for them all (and they wait for a running gc).
+    pub fn hold(&self) -> Result<StoreGuard, StoreError> {
+        Ok(StoreGuard {
+            _lock: FileLock::lock(&self.dir.join("gc.lock"), libc::LOCK_SH)?,
+        })
+    }
+
     /// Removes `reference` from the index and returns what it pointed at. Blobs and the root
     /// file system stay until [`ImageStore::gc`].
     pub fn untag(&self, reference: &ImageRef) -> Result<Descriptor, StoreError> {
@@ -489,6 +498,7 @@ impl ImageStore {
         in_use: &dyn Fn(&Path) -> bool,
         build_cache: bool,
     ) -> Result<GcReport, StoreError> {
+        let _writers = FileLock::lock(&self.dir.join("gc.lock"), libc::LOCK_EX)?;
         let _lock = self.lock()?;
         let index = self.read_index()?;
         let layout = OciLayout::open(self.blobs.layout()).map_err(StoreError::Index)?;
@@ -664,15 +674,24 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl Fn(io::Error) -> Sto
     }
 }
 
-/// An exclusive `flock` on a file, released on drop.
+/// A pull, import or build in progress (see [`ImageStore::hold`]).
+pub struct StoreGuard {
+    _lock: FileLock,
+}
+
+/// An `flock` on a file, released on drop.
 struct FileLock(File);
 
 impl FileLock {
     fn exclusive(path: &Path) -> Result<FileLock, StoreError> {
+        FileLock::lock(path, libc::LOCK_EX)
+    }
+
+    fn lock(path: &Path, operation: libc::c_int) -> Result<FileLock, StoreError> {
         let file = open_lock_file(path)?;
         loop {
             // SAFETY: flock on a descriptor we own; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
             if rc == 0 {
                 return Ok(FileLock(file));
             }

@@ -241,3 +241,36 @@ fn gc_keeps_tagged_and_in_use_images_and_drops_the_rest() {
     let err = store.untag(&r("gone")).unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
 }
+
+#[test]
+fn gc_waits_for_pulls_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(dir.path()).unwrap();
+    // A pull has written its blobs but not tagged them yet.
+    let guard = store.hold().unwrap();
+    let second = store.hold().unwrap();
+    let pulled = add_image(&store, &[("p", b"pulled")], "P=1");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let (store, done) = (store.clone(), done.clone());
+        std::thread::spawn(move || {
+            let report = store.gc(&|_| false, false).unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            report
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "gc ran during a pull"
+    );
+    store.tag(&r("pulled"), &pulled).unwrap();
+    drop(second);
+    drop(guard);
+    let report = gc.join().unwrap();
+    assert_eq!(
+        report.blobs_removed, 0,
+        "the tagged image's blobs were kept"
+    );
+    assert!(store.blobs().contains(&pulled.digest, pulled.size));
+}

@@ -104,6 +104,7 @@ impl Manager {
         let context = BuildContext::open(&request.context)
             .map_err(|e| invalid("context", crate::agent::error_chain(&e)))?;
         let store = self.image_store()?;
+        let _writing = store.hold()?;
         let cache_dir = store.dir().join("build");
         std::fs::create_dir_all(&cache_dir).map_err(io("creating", &cache_dir))?;
 

@@ -155,6 +155,7 @@ impl Manager {
     ) -> Result<Vec<ImportedImage>, RuntimeError> {
         use arrakis_image::archive;
         let store = self.image_store()?;
+        let _writing = store.hold()?;
         let tag = tag.map(ImageRef::parse).transpose()?;
         let bad_archive = |source: archive::ArchiveError| RuntimeError::InvalidArgument {
             field: "archive",
@@ -227,6 +228,7 @@ impl Manager {
         progress: &dyn PullProgress,
     ) -> Result<ImportedImage, RuntimeError> {
         let store = self.image_store()?;
+        let _writing = store.hold()?;
         let pulled = registry::pull(reference, store.blobs(), options, progress).await?;
         let reference = ImageRef::parse(&pulled.reference)?;
         let free = self.inner.config.image_free_bytes();
