@@ -496,17 +496,11 @@ fn import_docker_layer(
     let (path, mut file) = open_named(root, name)?;
     let read_error = |source| io_error("reading", &path, source);
     let size = file.metadata().map_err(read_error)?.len();
-    let mut head = Vec::with_capacity(4);
-    (&mut file)
-        .take(4)
-        .read_to_end(&mut head)
-        .map_err(read_error)?;
-    file.rewind().map_err(read_error)?;
-    let compression = unpack::detect(&head);
-    let (media_type, expected) = match compression {
-        Compression::None => (MEDIA_TYPE_LAYER, Some(diff_id.clone())),
-        Compression::Gzip => (MEDIA_TYPE_LAYER_GZIP, digest_in_name(name)),
-        Compression::Zstd => (MEDIA_TYPE_LAYER_ZSTD, digest_in_name(name)),
+    let compression = sniff(&mut file).map_err(read_error)?;
+    let media_type = layer_media_type(compression);
+    let expected = match compression {
+        Compression::None => Some(diff_id.clone()),
+        Compression::Gzip | Compression::Zstd => digest_in_name(name),
     };
     if let Some(digest) = expected.as_ref().filter(|d| blobs.contains(d, size)) {
         return Ok(plain_descriptor(media_type, digest.clone(), size));
@@ -526,25 +520,14 @@ fn import_docker_layer(
 /// checked when the image is unpacked.
 pub fn import_rootfs(path: &Path, blobs: &BlobDir) -> Result<Descriptor, ArchiveError> {
     let mut file = File::open(path).map_err(|source| io_error("opening", path, source))?;
-    let read_error = |source| io_error("reading", path, source);
-    let mut head = Vec::with_capacity(4);
-    (&mut file)
-        .take(4)
-        .read_to_end(&mut head)
-        .map_err(read_error)?;
-    file.rewind().map_err(read_error)?;
-    let compression = unpack::detect(&head);
+    let compression = sniff(&mut file).map_err(|source| io_error("reading", path, source))?;
     let (digest, size) = blobs
         .write(&mut file, None)
         .map_err(|source| ArchiveError::Import {
             what: format!("`{}`", path.display()),
             source,
         })?;
-    let media_type = match compression {
-        Compression::None => MEDIA_TYPE_LAYER,
-        Compression::Gzip => MEDIA_TYPE_LAYER_GZIP,
-        Compression::Zstd => MEDIA_TYPE_LAYER_ZSTD,
-    };
+    let media_type = layer_media_type(compression);
     let diff_id = match compression {
         Compression::None => digest.clone(),
         _ => {
@@ -586,32 +569,39 @@ pub fn import_rootfs(path: &Path, blobs: &BlobDir) -> Result<Descriptor, Archive
     ))
 }
 
+/// The compression a file's first bytes show; the file is left at its start.
+fn sniff(file: &mut File) -> io::Result<Compression> {
+    let mut head = Vec::with_capacity(4);
+    (&mut *file).take(4).read_to_end(&mut head)?;
+    file.rewind()?;
+    Ok(unpack::detect(&head))
+}
+
+/// The OCI layer media type of a tar with this compression.
+fn layer_media_type(compression: Compression) -> &'static str {
+    match compression {
+        Compression::None => MEDIA_TYPE_LAYER,
+        Compression::Gzip => MEDIA_TYPE_LAYER_GZIP,
+        Compression::Zstd => MEDIA_TYPE_LAYER_ZSTD,
+    }
+}
+
 /// The sha256 of what `reader` decompresses to.
 fn uncompressed_digest(reader: impl io::BufRead, compression: Compression) -> io::Result<Digest> {
     use sha2::Digest as _;
-    struct Hasher(sha2::Sha256);
-    impl io::Write for Hasher {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hasher = Hasher(sha2::Sha256::new());
+    let mut hasher = sha2::Sha256::new();
+    let mut sink = crate::blobs::HashWriter(&mut hasher);
     match compression {
-        Compression::None => io::copy(&mut { reader }, &mut hasher)?,
-        Compression::Gzip => io::copy(
-            &mut flate2::bufread::MultiGzDecoder::new(reader),
-            &mut hasher,
-        )?,
+        Compression::None => io::copy(&mut { reader }, &mut sink)?,
+        Compression::Gzip => {
+            io::copy(&mut flate2::bufread::MultiGzDecoder::new(reader), &mut sink)?
+        }
         Compression::Zstd => io::copy(
             &mut zstd::stream::read::Decoder::with_buffer(reader)?,
-            &mut hasher,
+            &mut sink,
         )?,
     };
-    Ok(Digest::from_sha256(hasher.0))
+    Ok(Digest::from_sha256(hasher))
 }
 
 fn plain_descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {

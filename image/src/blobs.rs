@@ -221,7 +221,8 @@ fn read_error(path: &Path, source: io::Error) -> OciError {
     }
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+/// Feeds what is written to it into a hash.
+pub(crate) struct HashWriter<'a>(pub(crate) &'a mut Sha256);
 
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
