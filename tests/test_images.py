@@ -311,7 +311,15 @@ def test_pulled_image_runs_with_its_files_env_workdir_and_user(home, pushed, tmp
         arrakis(home, "cp", str(tmp_path / "up.txt"), "img:/tmp/up.txt")
         arrakis(home, "cp", "img:/tmp/up.txt", str(tmp_path / "down.txt"))
         assert (tmp_path / "down.txt").read_text() == "uploaded\n"
+        # Forks of an image's sandbox keep its files and its defaults.
+        arrakis(home, "exec", "img", "--", "sh", "-c", "echo state > /home/app/state.txt")
+        arrakis(home, "fork", "-n", "img", "-c", "2", "-p", "imgfork")
+        for fork in ("imgfork-1", "imgfork-2"):
+            out = arrakis(home, "exec", fork, "--", "sh", "-c", 'id -u; pwd; echo "$GREETING"; cat /home/app/state.txt').stdout
+            assert out.splitlines() == ["1000", "/srv/app", "hello from the image", "state"], (fork, out)
     finally:
+        for name in ("imgfork-1", "imgfork-2"):
+            arrakis(home, "destroy", name, check=False)
         arrakis(home, "destroy", "img")
 
 
