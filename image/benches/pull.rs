@@ -35,11 +35,11 @@
 use std::cell::Cell;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use arrakis_image::ext4;
@@ -52,8 +52,12 @@ use arrakis_image::unpack::UnpackOptions;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use serde_json::json;
 
-const REGISTRY_BINARY: &str = "docker-registry";
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+#[path = "../tests/common/registry.rs"]
+#[allow(dead_code)]
+mod registry;
+
+use registry::{TestRegistry, REGISTRY_BINARY};
+
 const REPOSITORY: &str = "bench/app";
 const TAG: &str = "v1";
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -92,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     // Declared before the scratch directory: dropped after it, killed last.
-    let registry = Registry::start()?;
+    let registry = TestRegistry::start();
     let scratch = tempfile::Builder::new()
         .prefix("arrakis-bench-pull")
         .tempdir()?;
@@ -494,66 +498,6 @@ fn median_min(samples: &[f64]) -> (f64, f64) {
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-/// A `docker-registry` process with its own storage, killed on drop.
-struct Registry {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Registry {
-    fn start() -> anyhow::Result<Registry> {
-        let dir = tempfile::Builder::new()
-            .prefix("arrakis-bench-registry")
-            .tempdir()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let config = format!(
-            "version: 0.1\n\
-             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: arrakis-bench\n",
-            dir.path().join("storage").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config)?;
-        let log = File::create(dir.path().join("registry.log"))?;
-        let child = Command::new(REGISTRY_BINARY)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {REGISTRY_BINARY}"))?;
-        let mut registry = Registry { child, dir, port };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while http_get(&registry.host(), "/v2/", "*/*", &mut io::sink()).is_err() {
-            let log = || fs::read_to_string(registry.dir.path().join("registry.log"));
-            if let Some(status) = registry.child.try_wait()? {
-                anyhow::bail!("{REGISTRY_BINARY} exited with {status}: {}", log()?);
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{REGISTRY_BINARY} did not answer within {STARTUP_TIMEOUT:?}: {}",
-                log()?
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(registry)
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The benchmark image: gzip layers, an OCI config and manifest.
