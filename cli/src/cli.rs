@@ -658,6 +658,16 @@ pub enum ImageVerb {
     /// Build an image from a Dockerfile; every RUN step runs in a microVM, and each
     /// step's result is cached by its inputs.
     Build(BuildArgs),
+    /// Write an image as an OCI image layout: a directory, or a tar of one when PATH ends
+    /// in .tar (what `image import`, `ctr import` and skopeo read). A built image's disk
+    /// becomes one layer.
+    Export {
+        /// The image: a reference, digest or id.
+        #[arg(value_name = "REF")]
+        image: String,
+        /// A new or empty directory, or a new file ending in .tar.
+        path: PathBuf,
+    },
     /// List the images in the store.
     #[command(visible_alias = "list")]
     Ls,

@@ -9,6 +9,7 @@ pub mod archive;
 pub mod blobs;
 pub mod context;
 pub mod dockerfile;
+pub mod export;
 pub mod ext4;
 pub mod oci;
 pub mod registry;

@@ -1,4 +1,4 @@
-//! image: the store of OCI images sandboxes boot from (pull, import, ls, rm, gc).
+//! image: the store of OCI images sandboxes boot from (pull, import, build, export, ls, rm, gc).
 
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
@@ -36,6 +36,30 @@ pub async fn run(backend: &Backend, verb: ImageVerb, json: bool) -> anyhow::Resu
         ImageVerb::Build(args) => {
             let image = build(manager, args).await?;
             imported(&[image], json)?;
+        }
+        ImageVerb::Export { image, path } => {
+            let (manager, dest) = (manager.clone(), path.clone());
+            let exported = tokio::task::spawn_blocking(move || manager.export_image(&image, &dest))
+                .await
+                .context("the export task failed")??;
+            let skipped = exported.flattened.map_or(0, |f| f.sockets_skipped);
+            if skipped > 0 {
+                eprintln!("warning: {skipped} unix sockets left out (a tar cannot hold them)");
+            }
+            let (reference, digest) = (exported.reference.familiar(), &exported.manifest.digest);
+            if json {
+                output::json(&serde_json::json!({
+                    "reference": reference,
+                    "digest": digest.to_string(),
+                    "path": path,
+                }))?;
+            } else {
+                output::print(&format!(
+                    "exported {reference} ({}) to {}\n",
+                    short_id(digest.hex()),
+                    path.display()
+                ))?;
+            }
         }
         ImageVerb::Ls => list(manager, json)?,
         ImageVerb::Rm { images, force } => {

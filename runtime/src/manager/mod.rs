@@ -18,6 +18,7 @@
 //! a new record.
 
 mod build;
+mod export;
 mod fork;
 mod golden;
 mod images;
