@@ -52,10 +52,10 @@ _all: list[Server] = []
 _failed = False
 
 
-def start_server(name: str, config: str | None = None, tmp=None) -> Server:
+def start_server(name: str, config: str | None = None, tmp=None, env: dict | None = None) -> Server:
     """A server registered for failure reports; the caller stops it with
     `stop_server`."""
-    server = arrakis_server.start(name, config=config, tmp=tmp)
+    server = arrakis_server.start(name, config=config, tmp=tmp, env=env)
     _active.append(server)
     _all.append(server)
     return server

@@ -480,3 +480,35 @@ def test_an_image_without_a_shell_still_runs_commands_and_file_operations(home, 
         assert (tmp_path / "back.txt").read_text() == "file ops need no tools\n"
     finally:
         arrakis(home, "destroy", "noshell")
+
+
+def test_the_api_creates_from_an_image_and_runs_commands_with_its_defaults(home, pushed):
+    """`POST /v1/vms` with `image`, then `cmd` (py-arrakis run_cmd) and `exec`: the image's
+    USER, WORKDIR and ENV apply, as they do in the CLI."""
+    from conftest import start_server, stop_server
+
+    reference, _ = pushed
+    arrakis(home, "image", "pull", "--insecure", reference)
+    server = start_server("images", env={"ARRAKIS_HOME": str(home)})
+    try:
+        created = arrakis_server.http(
+            "POST", server.url("/v1/vms"), json={"vmName": "api-img", "image": reference}
+        )
+        assert created.status_code == 200, created.text
+        out = arrakis_server.http(
+            "POST", server.url("/v1/vms/api-img/cmd"), json={"cmd": 'id -u; pwd; echo "$GREETING"'}
+        )
+        assert out.status_code == 200, out.text
+        assert out.json()["output"].splitlines() == ["1000", "/srv/app", "hello from the image"]
+        ran = arrakis_server.http(
+            "POST", server.url("/v1/vms/api-img/exec"), json={"argv": ["id", "-un"]}
+        )
+        assert ran.status_code == 200, ran.text
+        assert ran.json()["stdout"] == "app\n", ran.json()
+        unknown = arrakis_server.http(
+            "POST", server.url("/v1/vms"), json={"vmName": "api-nope", "image": "nothing/here:1"}
+        )
+        assert unknown.status_code == 400, unknown.text
+        assert "arrakis image pull" in unknown.json()["error"]["message"]
+    finally:
+        stop_server(server)
