@@ -24,7 +24,7 @@ mod fake_registry;
 #[path = "common/registry.rs"]
 mod registry;
 
-use fake_registry::{FakeRegistry, Fault};
+use fake_registry::{base64_encode, FakeRegistry, Fault, Request, TokenAuth, SERVICE};
 use registry::{free_port, TestRegistry};
 
 /// The media types an image is built with.
@@ -800,4 +800,257 @@ async fn docker_media_types_are_pulled_and_other_artifacts_refused() {
     );
     assert!(message.contains(HELM.config), "{message}");
     assert!(!blobs.path(&Digest::of(&chart.layers[0])).exists());
+}
+
+/// A fake registry serving `image` as `app:v1` behind Docker's token flow: `/token` grants
+/// `token` (to anyone, or only to `basic` credentials) and every `/v2/` request needs it.
+fn token_registry(image: &TestImage, token: &str, basic: Option<(&str, &str)>) -> FakeRegistry {
+    let mut blobs = image.layers.clone();
+    blobs.push(image.config.clone());
+    FakeRegistry::start_with_auth(
+        "app",
+        vec![(
+            "v1".to_owned(),
+            MEDIA_TYPE_MANIFEST.to_owned(),
+            image.manifest.clone(),
+        )],
+        blobs,
+        Vec::new(),
+        Some(TokenAuth {
+            token: token.to_owned(),
+            basic: basic.map(|(user, password)| (user.to_owned(), password.to_owned())),
+        }),
+    )
+}
+
+fn with_credentials(credentials: Credentials) -> PullOptions {
+    PullOptions {
+        credentials,
+        ..insecure()
+    }
+}
+
+fn basic(username: &str, password: &str) -> Credentials {
+    Credentials::Basic {
+        username: username.to_owned(),
+        password: password.to_owned(),
+    }
+}
+
+/// The token request oci-client makes for a pull of `app` from the fake.
+fn token_path() -> String {
+    format!("/token?scope=repository%3Aapp%3Apull&service={SERVICE}")
+}
+
+/// The requests for the repository's manifests and blobs (not the `/v2/` ping or tokens).
+fn repository_requests(requests: &[Request]) -> Vec<&Request> {
+    requests
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/app/"))
+        .collect()
+}
+
+/// Asserts that `requests` fetched the manifest and every blob of `image`, all with
+/// `Authorization: Bearer <token>`.
+fn assert_fetched_with_token(requests: &[Request], image: &TestImage, token: &str) {
+    let fetched = repository_requests(requests);
+    for request in &fetched {
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some(format!("Bearer {token}").as_str()),
+            "{request:?}"
+        );
+    }
+    let paths: Vec<&str> = fetched.iter().map(|r| r.path.as_str()).collect();
+    assert!(paths.contains(&"/v2/app/manifests/v1"), "{paths:?}");
+    for blob in image.layers.iter().chain([&image.config]) {
+        let path = format!("/v2/app/blobs/{}", Digest::of(blob));
+        assert!(paths.contains(&path.as_str()), "{path} in {paths:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_anonymous_pull_gets_a_token_from_the_realm() {
+    let image = TestImage::new(
+        "amd64",
+        vec![layer("a", b"first\n"), layer("b", &noise(16 << 10, 19))],
+    );
+    let fake = token_registry(&image, "anon-token", None);
+    let (_dir, blobs) = store();
+
+    let reference = format!("{}/app:v1", fake.host());
+    let pulled = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+
+    let requests = fake.requests();
+    // The client pings `/v2/` without credentials, follows the challenge to the realm
+    // anonymously, then sends the token it got with every request, asking only once.
+    assert_eq!(
+        requests[..2],
+        [
+            Request {
+                path: "/v2/".to_owned(),
+                range: None,
+                authorization: None,
+            },
+            Request {
+                path: token_path(),
+                range: None,
+                authorization: None,
+            },
+        ]
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.path.starts_with("/token"))
+            .count(),
+        1,
+        "{requests:?}"
+    );
+    assert_eq!(
+        requests.len(),
+        2 + repository_requests(&requests).len(),
+        "{requests:?}"
+    );
+    assert_fetched_with_token(&requests, &image, "anon-token");
+}
+
+#[tokio::test]
+async fn basic_credentials_are_exchanged_for_a_token() {
+    let image = TestImage::new("amd64", vec![layer("secret", b"classified\n")]);
+    let fake = token_registry(&image, "user-token", Some(("tester", "s3cret")));
+    let reference = format!("{}/app:v1", fake.host());
+    let (dir, blobs) = store();
+
+    // Without credentials the realm gives no token, so the manifest request goes without
+    // one and is refused.
+    let err = pull(&reference, &blobs, &insecure(), &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::CredentialsNeeded { .. }),
+        "{err}"
+    );
+    let requests = fake.take_requests();
+    assert!(
+        repository_requests(&requests)
+            .iter()
+            .all(|r| r.authorization.is_none()),
+        "{requests:?}"
+    );
+
+    // A wrong password: the realm refuses it, oci-client drops that error and sends the
+    // manifest request without a token; its 401 becomes `CredentialsRefused`.
+    let err = pull(
+        &reference,
+        &blobs,
+        &with_credentials(basic("tester", "guess")),
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, RegistryError::CredentialsRefused { .. }),
+        "{message}"
+    );
+    assert_eq!(
+        message,
+        format!(
+            "registry {} refused the credentials given for `{reference}`",
+            fake.host()
+        )
+    );
+    assert!(!message.contains("guess"), "{message}");
+    assert_eq!(
+        fake.take_requests(),
+        [
+            Request {
+                path: "/v2/".to_owned(),
+                range: None,
+                authorization: None,
+            },
+            Request {
+                path: token_path(),
+                range: None,
+                authorization: Some(format!("Basic {}", base64_encode("tester:guess"))),
+            },
+            Request {
+                path: "/v2/app/manifests/v1".to_owned(),
+                range: None,
+                authorization: None,
+            },
+        ]
+    );
+    assert_eq!(stored_blob_count(dir.path()), 0);
+
+    // The right password goes to the realm only; the registry sees the token.
+    let pulled = pull(
+        &reference,
+        &blobs,
+        &with_credentials(basic("tester", "s3cret")),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+    let requests = fake.take_requests();
+    let token_requests: Vec<&Request> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/token"))
+        .collect();
+    assert_eq!(
+        token_requests,
+        [&Request {
+            path: token_path(),
+            range: None,
+            authorization: Some(format!("Basic {}", base64_encode("tester:s3cret"))),
+        }]
+    );
+    assert_fetched_with_token(&requests, &image, "user-token");
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_sent_as_is_without_asking_the_realm() {
+    let image = TestImage::new("amd64", vec![layer("t", b"token\n")]);
+    // The realm would refuse the client anything it can send: a pull that works used the
+    // given token directly.
+    let fake = token_registry(&image, "given-token", Some(("nobody", "unguessable")));
+    let reference = format!("{}/app:v1", fake.host());
+    let (dir, blobs) = store();
+
+    let wrong = with_credentials(Credentials::Bearer("stale-token".into()));
+    let err = pull(&reference, &blobs, &wrong, &NoProgress)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, RegistryError::CredentialsRefused { .. }),
+        "{message}"
+    );
+    assert!(!message.contains("stale-token"), "{message}");
+    assert_eq!(
+        fake.take_requests(),
+        [Request {
+            path: "/v2/app/manifests/v1".to_owned(),
+            range: None,
+            authorization: Some("Bearer stale-token".to_owned()),
+        }]
+    );
+    assert_eq!(stored_blob_count(dir.path()), 0);
+
+    let right = with_credentials(Credentials::Bearer("given-token".into()));
+    let pulled = pull(&reference, &blobs, &right, &NoProgress).await.unwrap();
+    assert_image_stored(&blobs, &image, &pulled);
+    let requests = fake.take_requests();
+    // No `/v2/` ping and no token request: only the repository's manifest and blobs.
+    assert_eq!(
+        repository_requests(&requests).len(),
+        requests.len(),
+        "{requests:?}"
+    );
+    assert_fetched_with_token(&requests, &image, "given-token");
 }
