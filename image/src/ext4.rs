@@ -124,6 +124,17 @@ pub fn make_ext4(dir: &Path, image: &Path, size_bytes: u64) -> Result<(), Ext4Er
     Ok(())
 }
 
+/// What `debugfs -R REQUEST IMAGE` prints: the crate's tests read ext4 images with it.
+#[cfg(test)]
+pub(crate) fn debugfs(image: &Path, request: &str) -> String {
+    let output = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .expect("debugfs runs (e2fsprogs)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,15 +145,6 @@ mod tests {
             eprintln!("skipping: mkfs.ext4 is not installed");
         }
         found
-    }
-
-    fn debugfs(image: &Path, request: &str) -> String {
-        let output = Command::new("debugfs")
-            .args(["-R", request])
-            .arg(image)
-            .output()
-            .expect("run debugfs");
-        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     #[test]

@@ -641,18 +641,24 @@ async fn basic_auth_is_required_and_checked() {
 
 /// A fake registry serving `image` as `app:v1`, with `fault` on its first layer.
 fn fake_serving(image: &TestImage, fault: Fault) -> FakeRegistry {
+    let faults = vec![(Digest::of(&image.layers[0]).to_string(), fault)];
+    serve_app(image, faults, None)
+}
+
+/// A fake registry serving `image` as `app:v1` with these faults and auth.
+fn serve_app(
+    image: &TestImage,
+    faults: Vec<(String, Fault)>,
+    auth: Option<TokenAuth>,
+) -> FakeRegistry {
     let mut blobs = image.layers.clone();
     blobs.push(image.config.clone());
-    FakeRegistry::start(
-        "app",
-        vec![(
-            "v1".to_owned(),
-            MEDIA_TYPE_MANIFEST.to_owned(),
-            image.manifest.clone(),
-        )],
-        blobs,
-        vec![(Digest::of(&image.layers[0]).to_string(), fault)],
-    )
+    let manifests = vec![(
+        "v1".to_owned(),
+        MEDIA_TYPE_MANIFEST.to_owned(),
+        image.manifest.clone(),
+    )];
+    FakeRegistry::start_with_auth("app", manifests, blobs, faults, auth)
 }
 
 /// The `Range` header of each request the fake registry got for the blob.
@@ -805,22 +811,11 @@ async fn docker_media_types_are_pulled_and_other_artifacts_refused() {
 /// A fake registry serving `image` as `app:v1` behind Docker's token flow: `/token` grants
 /// `token` (to anyone, or only to `basic` credentials) and every `/v2/` request needs it.
 fn token_registry(image: &TestImage, token: &str, basic: Option<(&str, &str)>) -> FakeRegistry {
-    let mut blobs = image.layers.clone();
-    blobs.push(image.config.clone());
-    FakeRegistry::start_with_auth(
-        "app",
-        vec![(
-            "v1".to_owned(),
-            MEDIA_TYPE_MANIFEST.to_owned(),
-            image.manifest.clone(),
-        )],
-        blobs,
-        Vec::new(),
-        Some(TokenAuth {
-            token: token.to_owned(),
-            basic: basic.map(|(user, password)| (user.to_owned(), password.to_owned())),
-        }),
-    )
+    let auth = TokenAuth {
+        token: token.to_owned(),
+        basic: basic.map(|(user, password)| (user.to_owned(), password.to_owned())),
+    };
+    serve_app(image, Vec::new(), Some(auth))
 }
 
 fn with_credentials(credentials: Credentials) -> PullOptions {

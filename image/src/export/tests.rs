@@ -3,7 +3,6 @@ use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{lchown, MetadataExt};
-use std::process::Command;
 
 use tar::{EntryType, Header};
 
@@ -30,14 +29,7 @@ fn r(reference: &str) -> ImageRef {
     ImageRef::parse(reference).unwrap()
 }
 
-fn debugfs(image: &Path, request: &str) -> String {
-    let output = Command::new("debugfs")
-        .args(["-R", request])
-        .arg(image)
-        .output()
-        .expect("debugfs runs (e2fsprogs)");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use crate::ext4::debugfs;
 
 // ---- describing trees, on the host and in an ext4 image, in one format ----
 

@@ -1,5 +1,3 @@
-use std::process::Command;
-
 use tar::{EntryType, Header};
 
 use super::*;
@@ -133,14 +131,7 @@ fn an_empty_store_says_how_to_get_images() {
     assert!(err.contains("arrakis image pull"), "{err}");
 }
 
-fn debugfs(image: &Path, request: &str) -> String {
-    let output = Command::new("debugfs")
-        .args(["-R", request])
-        .arg(image)
-        .output()
-        .expect("debugfs runs (e2fsprogs)");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use crate::ext4::debugfs;
 
 #[test]
 fn prepare_builds_the_rootfs_once_with_room_and_mount_points() {
