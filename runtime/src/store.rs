@@ -1288,6 +1288,28 @@ mod tests {
             .remove_forwards(&record.id, Some(&[50000, 50001]))
             .unwrap();
         assert_eq!(removed.len(), 1, "only its own forward");
+
+        // A search that wraps around still gives ports in the requests' order, which is the
+        // order forwards are listed in (by host port).
+        let got = store
+            .add_forwards(
+                &record.id,
+                &[ask(None, 1), ask(None, 2), ask(None, 3)],
+                range,
+                50002,
+                8,
+                |_| true,
+            )
+            .unwrap();
+        let ports: Vec<u16> = got.iter().map(|f| f.host_port).collect();
+        assert_eq!(ports, [50000, 50001, 50002]);
+        let listed: Vec<u16> = store
+            .forwards(&record.id)
+            .unwrap()
+            .iter()
+            .map(|f| f.guest_port)
+            .collect();
+        assert_eq!(listed, [1, 2, 3]);
     }
 
     #[test]

@@ -82,22 +82,35 @@ impl Store {
                     adding: requests.len(),
                 });
             }
+            // Chosen ports first, so the search for free ones skips them.
+            for port in requests.iter().filter_map(|r| r.host_port) {
+                if used.contains(&port) || !available(port) {
+                    return Err(StoreError::PortTaken { port });
+                }
+                used.insert(port);
+            }
+            let wanted = requests.iter().filter(|r| r.host_port.is_none()).count();
+            let start = start.clamp(range.first, range.last);
+            let mut picked: Vec<u16> = (start..=range.last)
+                .chain(range.first..start)
+                .filter(|p| !used.contains(p) && available(*p))
+                .take(wanted)
+                .collect();
+            if picked.len() < wanted {
+                return Err(StoreError::PortsExhausted { range });
+            }
+            // Ascending, so picked ports follow the requests' order (forwards are listed by
+            // host port) even when the search wrapped around the end of the range.
+            picked.sort_unstable();
+            let mut picked = picked.into_iter();
             let mut added = Vec::with_capacity(requests.len());
             for request in requests {
                 let host_port = match request.host_port {
-                    Some(port) if used.contains(&port) || !available(port) => {
-                        return Err(StoreError::PortTaken { port })
-                    }
                     Some(port) => port,
-                    None => {
-                        let start = start.clamp(range.first, range.last);
-                        (start..=range.last)
-                            .chain(range.first..start)
-                            .find(|p| !used.contains(p) && available(*p))
-                            .ok_or(StoreError::PortsExhausted { range })?
-                    }
+                    None => picked
+                        .next()
+                        .expect("one picked port per request without one"),
                 };
-                used.insert(host_port);
                 tx.execute(
                     "INSERT INTO forwards (host_port, sandbox_id, guest_port, description)
                      VALUES (?1, ?2, ?3, ?4)",
