@@ -587,20 +587,11 @@ fn layer_media_type(compression: Compression) -> &'static str {
 }
 
 /// The sha256 of what `reader` decompresses to.
-fn uncompressed_digest(reader: impl io::BufRead, compression: Compression) -> io::Result<Digest> {
+fn uncompressed_digest(reader: impl Read, compression: Compression) -> io::Result<Digest> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     let mut sink = crate::blobs::HashWriter(&mut hasher);
-    match compression {
-        Compression::None => io::copy(&mut { reader }, &mut sink)?,
-        Compression::Gzip => {
-            io::copy(&mut flate2::bufread::MultiGzDecoder::new(reader), &mut sink)?
-        }
-        Compression::Zstd => io::copy(
-            &mut zstd::stream::read::Decoder::with_buffer(reader)?,
-            &mut sink,
-        )?,
-    };
+    io::copy(&mut compression.decoder(reader)?, &mut sink)?;
     Ok(Digest::from_sha256(hasher))
 }
 

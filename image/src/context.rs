@@ -631,15 +631,10 @@ fn archive_compression(path: &Path) -> Result<Option<Compression>, ContextError>
     let compression = crate::unpack::detect(&head);
     let block = match compression {
         Compression::None => head,
-        Compression::Gzip => first_block(flate2::read::GzDecoder::new(
-            File::open(path).map_err(read_error)?,
-        )),
-        Compression::Zstd => {
-            match zstd::stream::read::Decoder::new(File::open(path).map_err(read_error)?) {
-                Ok(decoder) => first_block(decoder),
-                Err(_) => Vec::new(),
-            }
-        }
+        _ => match compression.decoder(File::open(path).map_err(read_error)?) {
+            Ok(decoder) => first_block(decoder),
+            Err(_) => Vec::new(),
+        },
     };
     Ok(is_tar_header(&block).then_some(compression))
 }

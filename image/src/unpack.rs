@@ -54,6 +54,16 @@ impl Compression {
             _ => None,
         }
     }
+
+    /// A reader of what `reader` decompresses to (itself when uncompressed). Gzip streams may
+    /// have several members, as `tar | gzip` of concatenated parts writes them.
+    pub fn decoder<'a, R: Read + 'a>(self, reader: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(reader),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
+        })
+    }
 }
 
 /// Guesses the compression from the first bytes of a blob, for registries that serve layers
@@ -199,19 +209,13 @@ pub fn apply_layer_compressed(
     root: &Path,
     options: &UnpackOptions,
 ) -> Result<LayerStats, UnpackError> {
-    match compression {
-        Compression::None => apply_layer(reader, root, options),
-        Compression::Gzip => apply_layer(flate2::read::MultiGzDecoder::new(reader), root, options),
-        Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(reader).map_err(|source| {
-                UnpackError::Decoder {
-                    compression,
-                    source,
-                }
-            })?;
-            apply_layer(decoder, root, options)
-        }
-    }
+    let decoder = compression
+        .decoder(reader)
+        .map_err(|source| UnpackError::Decoder {
+            compression,
+            source,
+        })?;
+    apply_layer(decoder, root, options)
 }
 
 /// Applies one uncompressed layer tar stream on top of `root`, which holds the layers below.

@@ -12,11 +12,10 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use flate2::read::MultiGzDecoder;
 use tar::EntryType;
 
 use super::{io_error, ArchiveError};
-use crate::unpack::{self, Compression};
+use crate::unpack;
 
 const BUFFER_SIZE: usize = 256 * 1024;
 
@@ -36,11 +35,7 @@ pub(super) fn extract(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
     let file = File::open(archive).map_err(|source| io_error("opening", archive, source))?;
     let mut reader = BufReader::with_capacity(BUFFER_SIZE, file);
     let head = reader.fill_buf().map_err(tar_error)?;
-    let stream: Box<dyn Read> = match unpack::detect(head) {
-        Compression::None => Box::new(reader),
-        Compression::Gzip => Box::new(MultiGzDecoder::new(reader)),
-        Compression::Zstd => Box::new(zstd::Decoder::with_buffer(reader).map_err(tar_error)?),
-    };
+    let stream = unpack::detect(head).decoder(reader).map_err(tar_error)?;
     let mut tar = tar::Archive::new(stream);
     let mut links = Vec::new();
     for entry in tar.entries().map_err(tar_error)? {

@@ -543,19 +543,9 @@ fn write_tar(
 /// Copies a (possibly gzip- or zstd-compressed) tar as a plain tar.
 fn decompress(path: &Path, out: &std::fs::File) -> std::io::Result<()> {
     let mut input = std::io::BufReader::new(std::fs::File::open(path)?);
-    let head = std::io::BufRead::fill_buf(&mut input)?.to_vec();
+    let compression = arrakis_image::unpack::detect(std::io::BufRead::fill_buf(&mut input)?);
     let mut out = std::io::BufWriter::new(out);
-    match arrakis_image::unpack::detect(&head) {
-        arrakis_image::unpack::Compression::Gzip => {
-            std::io::copy(&mut flate2::read::MultiGzDecoder::new(input), &mut out)?;
-        }
-        arrakis_image::unpack::Compression::Zstd => {
-            std::io::copy(&mut zstd::stream::read::Decoder::new(input)?, &mut out)?;
-        }
-        arrakis_image::unpack::Compression::None => {
-            std::io::copy(&mut input, &mut out)?;
-        }
-    }
+    std::io::copy(&mut compression.decoder(input)?, &mut out)?;
     out.flush()
 }
 
@@ -565,11 +555,9 @@ fn chain(previous: &str, input: &str) -> String {
     hasher.update(previous.as_bytes());
     hasher.update([0]);
     hasher.update(input.as_bytes());
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    arrakis_image::oci::Digest::from_sha256(hasher)
+        .hex()
+        .to_owned()
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> RuntimeError + 'a {
