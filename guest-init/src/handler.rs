@@ -8,14 +8,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use arrakis_protocol::{
-    error_chain, Channel, ConfigureRequest, ErrorBody, ErrorCode, ExecRequest, GuestInfo, Handler,
-    Outcome, ReadFileRequest, Request, Response, Stream, StreamEvent, StreamMessage,
-    StreamReceiver, StreamSender, WriteFileRequest, PROTOCOL_VERSION,
+    error_chain, AttachRequest, Channel, ConfigureRequest, ErrorBody, ErrorCode, ExecRequest,
+    GuestInfo, Handler, Outcome, ReadFileRequest, Request, Response, Stream, StreamEvent,
+    StreamMessage, StreamReceiver, StreamSender, WriteFileRequest, PROTOCOL_VERSION,
 };
 use bytes::Bytes;
 use tracing::Instrument;
 
-use crate::exec::{ExecContext, ExecError, ExecInput, ExecOutput, Gone, HostEvent};
+use crate::exec::{AttachEnd, ExecContext, ExecError, ExecInput, ExecOutput, Gone, HostEvent};
 use crate::files::{self, FileError, FileSink, FileSource, Incoming, WriteOptions};
 use crate::log::RateLimit;
 use crate::net::{self, NetError, NetSettings};
@@ -102,6 +102,7 @@ impl Agent {
         tracing::debug!("request");
         match request {
             Request::Exec(req) => self.exec(req, stream).await,
+            Request::Attach(req) => self.attach(req, stream).await,
             Request::ReadFile(req) => read_file(req, stream).await,
             Request::WriteFile(req) => write_file(req, stream).await,
             Request::Shutdown(req) => self.shutdown(req.reboot, stream).await,
@@ -119,6 +120,7 @@ fn op_name(request: &Request) -> &'static str {
         Request::Ping => "ping",
         Request::Info => "info",
         Request::Exec(_) => "exec",
+        Request::Attach(_) => "attach",
         Request::ReadFile(_) => "read_file",
         Request::WriteFile(_) => "write_file",
         Request::Mkdir(_) => "mkdir",
@@ -145,6 +147,15 @@ fn finish<E: std::fmt::Display>(closed: Result<(), E>, op: &str) {
 impl Agent {
     async fn exec(&self, request: ExecRequest, stream: Stream) {
         let (sender, receiver) = stream.split();
+        if request.keep.is_some() {
+            let result = self
+                .exec
+                .run_kept(&request, StreamOut(sender.clone()), StreamIn(receiver))
+                .await;
+            end_attached(result, &sender, "exec").await;
+            self.exec.prepare_next();
+            return;
+        }
         let result = self
             .exec
             .run(&request, StreamOut(sender.clone()), StreamIn(receiver))
@@ -159,6 +170,15 @@ impl Agent {
         };
         finish(sender.close(outcome).await, "exec");
         self.exec.prepare_next();
+    }
+
+    async fn attach(&self, request: AttachRequest, stream: Stream) {
+        let (sender, receiver) = stream.split();
+        let result = self
+            .exec
+            .attach(&request.id, StreamOut(sender.clone()), StreamIn(receiver))
+            .await;
+        end_attached(result, &sender, "attach").await;
     }
 
     async fn simple(&self, request: Request) -> Outcome {
@@ -208,6 +228,7 @@ impl Agent {
             }
             // Streamed or replied-before-acting requests are handled in `handle`.
             Request::Exec(_)
+            | Request::Attach(_)
             | Request::ReadFile(_)
             | Request::WriteFile(_)
             | Request::Shutdown(_)
@@ -237,6 +258,27 @@ impl Agent {
         finish(stream.close(Ok(Response::Done)).await, "shutdown");
         tokio::time::sleep(SHUTDOWN_DELAY).await;
         let _ = tokio::task::spawn_blocking(move || system::shutdown(reboot)).await;
+    }
+}
+
+/// Closes the stream of a kept exec as its attachment ended.
+async fn end_attached(result: Result<AttachEnd, ExecError>, sender: &StreamSender, op: &str) {
+    match result {
+        Ok(AttachEnd::Exited { status, ack }) => {
+            let closed = sender.close(Ok(Response::Exited(status))).await;
+            ack.reply_sent(closed.is_ok());
+            finish(closed, op);
+        }
+        Ok(AttachEnd::Replaced) => {
+            let body = ErrorBody::new(
+                ErrorCode::Cancelled,
+                "attached elsewhere: another stream took over this kept process",
+            );
+            finish(sender.close(Err(body)).await, op);
+        }
+        // The host reset the stream or left: the process stays kept.
+        Ok(AttachEnd::Detached) => {}
+        Err(e) => finish(sender.close(Err(exec_error(&e))).await, op),
     }
 }
 
@@ -361,6 +403,9 @@ impl ExecInput for StreamIn {
                 Ok(StreamEvent::Message(StreamMessage::Signal { signal, group })) => {
                     return HostEvent::Signal { signal, group }
                 }
+                Ok(StreamEvent::Message(StreamMessage::Resize { rows, cols })) => {
+                    return HostEvent::Resize { rows, cols }
+                }
                 Ok(StreamEvent::Reset) | Err(_) => return HostEvent::Cancel,
                 Ok(other) => unexpected(&other, "exec"),
             }
@@ -448,9 +493,13 @@ fn exec_error(error: &ExecError) -> ErrorBody {
             | UserError::UnknownGroup { .. }
             | UserError::BadSpec { .. },
         ) => ErrorCode::InvalidArgument,
-        ExecError::Cwd { source, .. } | ExecError::Spawn { source, .. } => io_code(source),
+        ExecError::Cwd { source, .. }
+        | ExecError::Spawn { source, .. }
+        | ExecError::Setup { source, .. } => io_code(source),
         ExecError::CwdNotDir { .. } => ErrorCode::WrongKind,
         ExecError::Lost { .. } => ErrorCode::Internal,
+        ExecError::AlreadyKept { .. } => ErrorCode::AlreadyExists,
+        ExecError::NotKept { .. } => ErrorCode::NotFound,
     };
     ErrorBody::new(code, error_chain(error))
 }
@@ -511,11 +560,11 @@ mod tests {
     /// An agent as it runs outside the guest (not PID 1, no cgroups).
     fn host_agent() -> Agent {
         Agent::new(
-            ExecContext {
-                supervisor: crate::supervisor::global(),
-                cgroups: std::sync::Arc::new(crate::cgroup::Cgroups::disabled()),
-                root: "/".into(),
-            },
+            ExecContext::new(
+                crate::supervisor::global(),
+                std::sync::Arc::new(crate::cgroup::Cgroups::disabled()),
+                "/".into(),
+            ),
             false,
         )
     }
@@ -564,6 +613,23 @@ mod tests {
             exec_error(&ExecError::EmptyArgv).code,
             ErrorCode::InvalidArgument
         );
+        let kept = |error| exec_error(&error).code;
+        assert_eq!(
+            kept(ExecError::AlreadyKept { id: "a".into() }),
+            ErrorCode::AlreadyExists
+        );
+        assert_eq!(
+            kept(ExecError::NotKept { id: "a".into() }),
+            ErrorCode::NotFound
+        );
+        let setup = ExecError::Setup {
+            program: "sh".into(),
+            step: "set RLIMIT_NOFILE to soft 1, hard 1".into(),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let body = exec_error(&setup);
+        assert_eq!(body.code, ErrorCode::PermissionDenied);
+        assert!(body.message.contains("RLIMIT_NOFILE"), "{}", body.message);
         let ioctl = NetError::Ioctl {
             op: "SIOCSIFADDR",
             interface: "eth9".into(),

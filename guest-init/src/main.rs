@@ -34,11 +34,7 @@ fn main() {
         Cgroups::disabled()
     };
     let handler = Arc::new(Agent::new(
-        ExecContext {
-            supervisor: supervisor::global(),
-            cgroups: Arc::new(cgroups),
-            root: PathBuf::from("/"),
-        },
+        ExecContext::new(supervisor::global(), Arc::new(cgroups), PathBuf::from("/")),
         is_init,
     ));
     loop {

@@ -84,10 +84,10 @@ impl Supervisor {
     /// Runs `start` (blocking: it spawns one child and returns its pid) and
     /// registers the child for its exit status. A child that `start` reports
     /// as failed must be reaped by `start` itself.
-    pub fn spawn<T>(
+    pub fn spawn<T, E>(
         &self,
-        start: impl FnOnce() -> io::Result<(u32, T)>,
-    ) -> io::Result<SpawnedChild<T>> {
+        start: impl FnOnce() -> Result<(u32, T), E>,
+    ) -> Result<SpawnedChild<T>, E> {
         let mut registry = self.lock();
         let (pid, io) = start()?;
         let (tx, rx) = oneshot::channel();

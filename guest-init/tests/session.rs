@@ -20,11 +20,11 @@ async fn connect() -> Client {
     let (guest, host) = tokio::net::UnixStream::pair().unwrap();
     let port = Port::from_fd(guest.into_std().unwrap().into());
     let handler = Arc::new(Agent::new(
-        ExecContext {
-            supervisor: supervisor::global(),
-            cgroups: Arc::new(Cgroups::disabled()),
-            root: "/".into(),
-        },
+        ExecContext::new(
+            supervisor::global(),
+            Arc::new(Cgroups::disabled()),
+            "/".into(),
+        ),
         false,
     ));
     tokio::spawn(async move { agent::serve_port(&port, handler).await });
@@ -403,4 +403,210 @@ async fn reset_tunnel_closes_the_guest_socket_even_when_stuck() {
     .expect("the guest socket stayed open after the reset");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
     assert_eq!(client.call(&Request::Ping).await.unwrap(), Response::Pong);
+}
+
+/// The agent on one end of a socket pair; the host end is returned so a
+/// test can greet it more than once (as new QEMUs do after a restore).
+fn serve_agent() -> std::os::unix::net::UnixStream {
+    let (guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+    guest.set_nonblocking(true).unwrap();
+    let port = Port::from_fd(guest.into());
+    let handler = Arc::new(Agent::new(
+        ExecContext::new(
+            supervisor::global(),
+            Arc::new(Cgroups::disabled()),
+            "/".into(),
+        ),
+        false,
+    ));
+    tokio::spawn(async move { agent::serve_port(&port, handler).await });
+    host
+}
+
+/// A host session on a copy of `host`, through a relay; aborting the relay
+/// makes that host vanish without the agent seeing a reset or an EOF.
+async fn relayed_client(
+    host: &std::os::unix::net::UnixStream,
+) -> (Client, tokio::task::JoinHandle<()>) {
+    let copy = host.try_clone().unwrap();
+    copy.set_nonblocking(true).unwrap();
+    let mut socket = tokio::net::UnixStream::from_std(copy).unwrap();
+    let (near, mut far) = tokio::io::duplex(256 * 1024);
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut far, &mut socket).await;
+    });
+    let client = Client::connect(near, ClientOptions::default())
+        .await
+        .unwrap();
+    (client, relay)
+}
+
+fn kept_shell(id: &str, script: &str) -> Request {
+    Request::Exec(ExecRequest {
+        command: Command::Shell(script.into()),
+        keep: Some(id.into()),
+        stdin: true,
+        ..ExecRequest::default()
+    })
+}
+
+fn attach(id: &str) -> Request {
+    Request::Attach(arrakis_protocol::AttachRequest { id: id.into() })
+}
+
+async fn started(stream: &mut Stream) -> u32 {
+    match stream.next().await.unwrap() {
+        StreamEvent::Message(StreamMessage::Started { pid }) => pid,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn stdout_line(stream: &mut Stream) -> Bytes {
+    match stream.next().await.unwrap() {
+        StreamEvent::Data(Channel::Stdout, data) => data,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_kept_exec_survives_a_reset_and_is_attached_again() {
+    let client = connect().await;
+    let mut stream = client
+        .open(&kept_shell(
+            "k-reset",
+            "echo one; read x; echo \"two $x\"; exit 6",
+        ))
+        .await
+        .unwrap();
+    let pid = started(&mut stream).await;
+    assert_eq!(stdout_line(&mut stream).await, "one\n");
+    drop(stream);
+    // A second exec under the same id is refused while it is kept.
+    match client.call(&kept_shell("k-reset", "true")).await {
+        Err(ProtocolError::Remote(body)) => assert_eq!(body.code, ErrorCode::AlreadyExists),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut first = client.open(&attach("k-reset")).await.unwrap();
+    assert_eq!(started(&mut first).await, pid);
+    // Another attach takes over; the first stream is told why.
+    let mut second = client.open(&attach("k-reset")).await.unwrap();
+    assert_eq!(started(&mut second).await, pid);
+    match first.next().await.unwrap() {
+        StreamEvent::Closed(Err(body)) => {
+            assert_eq!(body.code, ErrorCode::Cancelled);
+            assert!(
+                body.message.contains("attached elsewhere"),
+                "{}",
+                body.message
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    second
+        .send_data(Channel::Stdin, Bytes::from_static(b"x\n"))
+        .await
+        .unwrap();
+    let t = collect(&mut second).await;
+    assert_eq!(t.stdout, b"two x\n");
+    assert_eq!(
+        t.reply,
+        Some(Ok(Response::Exited(ExitStatus {
+            code: Some(6),
+            signal: None,
+            timed_out: false
+        })))
+    );
+    // Reported: forgotten.
+    match client.call(&attach("k-reset")).await {
+        Err(ProtocolError::Remote(body)) => assert_eq!(body.code, ErrorCode::NotFound),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_new_host_session_detaches_kept_execs_and_kills_the_others() {
+    let host = serve_agent();
+    let (old, relay) = relayed_client(&host).await;
+    let mut kept = old
+        .open(&kept_shell(
+            "k-session",
+            "echo one; read x; echo \"two $x\"",
+        ))
+        .await
+        .unwrap();
+    let kept_pid = started(&mut kept).await;
+    assert_eq!(stdout_line(&mut kept).await, "one\n");
+    let mut plain = old.open(&shell("sleep 100")).await.unwrap();
+    let plain_pid = started(&mut plain).await;
+    // The old host vanishes without a word; a new one greets the agent.
+    relay.abort();
+    let copy = host.try_clone().unwrap();
+    copy.set_nonblocking(true).unwrap();
+    let options = ClientOptions {
+        regreet_after: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let new = Client::connect(tokio::net::UnixStream::from_std(copy).unwrap(), options)
+        .await
+        .unwrap();
+    let plain_dir = format!("/proc/{plain_pid}");
+    for _ in 0..300 {
+        if !std::path::Path::new(&plain_dir).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !std::path::Path::new(&plain_dir).exists(),
+        "the plain exec survived the new session"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{kept_pid}")).exists(),
+        "the kept exec was killed"
+    );
+    let mut stream = new.open(&attach("k-session")).await.unwrap();
+    assert_eq!(started(&mut stream).await, kept_pid);
+    stream
+        .send_data(Channel::Stdin, Bytes::from_static(b"y\n"))
+        .await
+        .unwrap();
+    let t = collect(&mut stream).await;
+    assert_eq!(t.stdout, b"two y\n");
+    assert!(matches!(
+        t.reply,
+        Some(Ok(Response::Exited(ExitStatus { code: Some(0), .. })))
+    ));
+    drop((kept, plain, old));
+}
+
+#[tokio::test]
+async fn a_tty_exec_over_the_session_takes_resizes() {
+    let client = connect().await;
+    let mut stream = client
+        .open(&Request::Exec(ExecRequest {
+            command: Command::Shell("stty size; read _; stty size".into()),
+            tty: Some(arrakis_protocol::TtySize { rows: 10, cols: 20 }),
+            stdin: true,
+            ..ExecRequest::default()
+        }))
+        .await
+        .unwrap();
+    started(&mut stream).await;
+    assert_eq!(stdout_line(&mut stream).await, "10 20\r\n");
+    stream
+        .send_message(&StreamMessage::Resize { rows: 30, cols: 90 })
+        .await
+        .unwrap();
+    stream
+        .send_data(Channel::Stdin, Bytes::from_static(b"\n"))
+        .await
+        .unwrap();
+    let t = collect(&mut stream).await;
+    assert_eq!(t.stdout, b"\r\n30 90\r\n");
+    assert!(t.stderr.is_empty());
+    assert_eq!(t.eofs, [Channel::Stdout, Channel::Stderr]);
+    assert!(matches!(
+        t.reply,
+        Some(Ok(Response::Exited(ExitStatus { code: Some(0), .. })))
+    ));
 }

@@ -19,10 +19,21 @@ pub enum Request {
     Info,
     /// Run a process. While it runs the guest sends `DATA` frames on the
     /// stdout/stderr channels and the host may send `DATA` on the stdin
-    /// channel, an `EOF` for stdin, and [`StreamMessage::Signal`]. The guest
-    /// first sends [`StreamMessage::Started`], then closes the stream with
-    /// [`Response::Exited`].
+    /// channel, an `EOF` for stdin, [`StreamMessage::Signal`] and
+    /// [`StreamMessage::Resize`]. The guest first sends
+    /// [`StreamMessage::Started`], then closes the stream with
+    /// [`Response::Exited`]. A `RESET` (or the end of the session) kills
+    /// the process tree, unless the exec is kept ([`ExecRequest::keep`]):
+    /// then it only detaches the stream.
     Exec(ExecRequest),
+    /// Attach a new stream to a kept process ([`ExecRequest::keep`]). It
+    /// then behaves as the stream of that exec: [`StreamMessage::Started`]
+    /// first, then the output waiting in the process's pipes and the live
+    /// output, stdin, signals and resizes, and [`Response::Exited`] once the
+    /// process exited and its output is drained (the kept entry is then
+    /// forgotten). A stream already attached is closed with
+    /// [`ErrorCode::Cancelled`]. Unknown id: [`ErrorCode::NotFound`].
+    Attach(AttachRequest),
     /// Read a file. The guest streams its bytes as `DATA` frames on the file
     /// channel, then closes with [`Response::FileRead`].
     ReadFile(ReadFileRequest),
@@ -86,6 +97,95 @@ pub struct ExecRequest {
     /// When true the host will stream stdin; otherwise stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    // The fields below were added after version 1 shipped: they are left
+    // out of the JSON when unset, so a request that does not use them is
+    // byte for byte what older agents accept.
+    /// Keep the process under this id ([`valid_keep_id`]): a reset stream
+    /// or a new session only detaches it (its output waits in its pipes,
+    /// stdin stays open, its exit status is kept) and
+    /// [`Request::Attach`] reaches it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
+    /// Run on a new pseudo-terminal of this size: the terminal is the
+    /// process's stdin, stdout and stderr (and its controlling terminal);
+    /// its output comes on the stdout channel, stderr only gets `EOF`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+    /// Resource limits set in the process before it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+    /// Supplementary group ids, in addition to the user's own groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
+    /// The environment is exactly `env`, plus `PATH` and `HOME` when `env`
+    /// lacks them (as runc does), instead of `env` over the guest's defaults.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub clear_env: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Size of a terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// One resource limit (`setrlimit(2)`). `u64::MAX` is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    /// Named as in the OCI runtime spec: one of [`RLIMIT_NAMES`].
+    pub resource: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The resource names [`Rlimit::resource`] accepts (Linux's, as the OCI
+/// runtime spec spells them).
+pub const RLIMIT_NAMES: [&str; 16] = [
+    "RLIMIT_AS",
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_DATA",
+    "RLIMIT_FSIZE",
+    "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_NOFILE",
+    "RLIMIT_NPROC",
+    "RLIMIT_RSS",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_STACK",
+];
+
+/// Longest id of a kept process.
+pub const KEEP_ID_MAX: usize = 64;
+
+/// Whether `id` can name a kept process: 1 to [`KEEP_ID_MAX`] characters
+/// of `[A-Za-z0-9._-]`.
+pub fn valid_keep_id(id: &str) -> bool {
+    (1..=KEEP_ID_MAX).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// What [`valid_keep_id`] accepts, for error messages.
+pub const KEEP_ID_FORM: &str = "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// The [`ExecRequest::keep`] id of the process.
+    pub id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,12 +328,16 @@ pub struct ConnectRequest {
 pub enum StreamMessage {
     /// Guest -> host: the process of an `exec` stream has started.
     Started { pid: u32 },
-    /// Host -> guest: deliver a signal to the process of an `exec` stream.
+    /// Host -> guest: deliver a signal to the process of an `exec` or
+    /// `attach` stream.
     /// `group` sends it to the whole process tree.
     Signal { signal: i32, group: bool },
     /// Guest -> host: the connection of a `connect` stream is established;
     /// bytes may flow.
     Connected,
+    /// Host -> guest: the terminal of an `exec`/`attach` stream has a new
+    /// size (ignored when the exec has no terminal).
+    Resize { rows: u16, cols: u16 },
 }
 
 /// The final message of a stream, carried by its `CLOSE` frame.

@@ -304,6 +304,23 @@ impl StreamSender {
             .send(Frame::json(self.core.id, Kind::Close, &outcome))
     }
 
+    /// Abandons the stream (host side), as dropping every handle of it
+    /// would: the guest sees `RESET`, and later sends on any clone fail
+    /// with [`ProtocolError::StreamClosed`]. Does nothing once the stream
+    /// ended, and on the guest side (which ends a stream with a reply).
+    pub fn reset(&self) {
+        if self.core.shared.role != Role::Host || self.core.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.core.window.close();
+        self.core.ended.send_replace(true);
+        self.core.shared.slots().remove(&self.core.id);
+        let _ = self
+            .core
+            .shared
+            .send(Frame::new(self.core.id, Kind::Reset, Bytes::new()));
+    }
+
     /// Resolves once the stream can no longer carry data: the peer closed
     /// or reset it, this side closed it, or the session ended. Lets a side
     /// that is busy elsewhere (say, blocked writing into a socket) notice a

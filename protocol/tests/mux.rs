@@ -373,3 +373,40 @@ async fn ended_fires_on_reset_and_on_session_end() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn reset_ends_a_stream_whose_sender_has_clones() {
+    let (host, guest) = tokio::io::duplex(64 * 1024);
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let _server = tokio::spawn(serve(guest, Arc::new(Parked(ended_tx)), "v"));
+    let client = Client::connect(host, ClientOptions::default())
+        .await
+        .unwrap();
+    let connect = Request::Connect(arrakis_protocol::ConnectRequest { port: 1 });
+    let (sender, mut receiver) = client.open(&connect).await.unwrap().split();
+    assert_eq!(
+        receiver.next().await.unwrap(),
+        StreamEvent::Message(StreamMessage::Connected)
+    );
+    let clone = sender.clone();
+    sender.reset();
+    let seen = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(clone.id()));
+    assert!(matches!(
+        clone
+            .send_data(Channel::Stdin, Bytes::from_static(b"x"))
+            .await,
+        Err(ProtocolError::StreamClosed)
+    ));
+    assert!(matches!(
+        receiver.next().await,
+        Err(ProtocolError::StreamClosed)
+    ));
+    // A second reset (or dropping the handles) sends nothing more.
+    clone.reset();
+    drop((clone, receiver));
+    assert!(ended.try_recv().is_err());
+    assert!(!client.is_closed());
+}

@@ -83,6 +83,7 @@ fn requests() {
         user: Some("arrakis".into()),
         timeout_ms: Some(1000),
         stdin: true,
+        ..ExecRequest::default()
     });
     let cases = [
         (Request::Ping, r#"{"op":"ping"}"#.to_string()),
@@ -155,6 +156,10 @@ fn requests() {
             Request::Connect(ConnectRequest { port: 8080 }),
             r#"{"op":"connect","port":8080}"#.to_string(),
         ),
+        (
+            Request::Attach(AttachRequest { id: "init".into() }),
+            r#"{"op":"attach","id":"init"}"#.to_string(),
+        ),
     ];
     for (request, wire) in cases {
         assert_eq!(json(&request), wire);
@@ -216,6 +221,76 @@ fn replies_and_messages() {
         r#"{"msg":"signal","signal":15,"group":true}"#
     );
     assert_eq!(json(&StreamMessage::Connected), r#"{"msg":"connected"}"#);
+    let resize = StreamMessage::Resize {
+        rows: 40,
+        cols: 120,
+    };
+    let wire = r#"{"msg":"resize","rows":40,"cols":120}"#;
+    assert_eq!(json(&resize), wire);
+    assert_eq!(serde_json::from_str::<StreamMessage>(wire).unwrap(), resize);
+}
+
+/// The exec fields added after version 1 shipped: present when set, absent
+/// (so older agents still accept the request) when not.
+#[test]
+fn exec_additions() {
+    let request = Request::Exec(ExecRequest {
+        command: Command::Argv(vec!["sh".into()]),
+        stdin: true,
+        keep: Some("init".into()),
+        tty: Some(TtySize { rows: 24, cols: 80 }),
+        rlimits: vec![Rlimit {
+            resource: "RLIMIT_NOFILE".into(),
+            soft: 512,
+            hard: 1024,
+        }],
+        groups: vec![10, 20],
+        clear_env: true,
+        ..ExecRequest::default()
+    });
+    let wire = concat!(
+        r#"{"op":"exec","command":{"argv":["sh"]},"env":{},"cwd":null,"user":null,"#,
+        r#""timeout_ms":null,"stdin":true,"keep":"init","tty":{"rows":24,"cols":80},"#,
+        r#""rlimits":[{"resource":"RLIMIT_NOFILE","soft":512,"hard":1024}],"#,
+        r#""groups":[10,20],"clear_env":true}"#
+    );
+    assert_eq!(json(&request), wire);
+    assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), request);
+    // The shortest form still parses, with everything defaulted.
+    let minimal = serde_json::from_str::<Request>(r#"{"op":"exec","command":{"shell":"true"}}"#);
+    assert_eq!(
+        minimal.unwrap(),
+        Request::Exec(ExecRequest {
+            command: Command::Shell("true".into()),
+            ..ExecRequest::default()
+        })
+    );
+    for bad in [
+        r#"{"op":"exec","command":{"shell":"true"},"tty":{"rows":1}}"#,
+        r#"{"op":"exec","command":{"shell":"true"},"tty":{"rows":1,"cols":1,"x":0}}"#,
+        r#"{"op":"exec","command":{"shell":"true"},"rlimits":[{"resource":"RLIMIT_CORE","soft":-1,"hard":0}]}"#,
+        r#"{"op":"exec","command":{"shell":"true"},"groups":[-1]}"#,
+        r#"{"op":"attach"}"#,
+        r#"{"op":"attach","id":"a","pid":1}"#,
+        r#"{"msg":"resize","rows":70000,"cols":1}"#,
+    ] {
+        let parsed = serde_json::from_str::<Request>(bad)
+            .map(drop)
+            .or_else(|_| serde_json::from_str::<StreamMessage>(bad).map(drop));
+        assert!(parsed.is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn keep_ids() {
+    for good in ["a", "init", "exec-1.2_x", &"x".repeat(KEEP_ID_MAX)] {
+        assert!(valid_keep_id(good), "{good}");
+    }
+    for bad in ["", "a b", "a/b", "é", "a\0", &"x".repeat(KEEP_ID_MAX + 1)] {
+        assert!(!valid_keep_id(bad), "{bad}");
+    }
+    assert_eq!(RLIMIT_NAMES.len(), 16);
+    assert!(RLIMIT_NAMES.contains(&"RLIMIT_NOFILE"));
 }
 
 #[test]

@@ -5,17 +5,20 @@
 //! bad input fails with a clear error before anything is sent. Guest errors
 //! keep their machine-readable code ([`AgentError::Remote`]). Dropping an
 //! exec future or an [`ExecSession`] before the process exits resets the
-//! stream, and the agent kills the process.
+//! stream, and the agent kills the process, unless it is kept
+//! ([`ExecRequest::keep`]): then it is only detached, and
+//! [`AgentClient::attach`] reaches it again.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arrakis_protocol::{
-    paths, Channel, ChmodRequest, Client, ClientOptions, ConfigureRequest, ErrorBody, ExecRequest,
-    ExitStatus, FileStat, FreezeRequest, GuestInfo, MkdirRequest, PathRequest, ProtocolError,
-    ReadFileRequest, RemoveRequest, Request, Response, SetTimeRequest, ShutdownRequest, Stream,
-    StreamEvent, StreamMessage, StreamReceiver, StreamSender, WriteFileRequest,
+    paths, valid_keep_id, AttachRequest, Channel, ChmodRequest, Client, ClientOptions,
+    ConfigureRequest, ErrorBody, ExecRequest, ExitStatus, FileStat, FreezeRequest, GuestInfo,
+    MkdirRequest, PathRequest, ProtocolError, ReadFileRequest, RemoveRequest, Request, Response,
+    SetTimeRequest, ShutdownRequest, Stream, StreamEvent, StreamMessage, StreamReceiver,
+    StreamSender, WriteFileRequest, KEEP_ID_FORM, RLIMIT_NAMES,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -364,7 +367,7 @@ impl AgentClient {
         let mut output = ExecOutput::default();
         loop {
             let event = stream.next().await.map_err(AgentError::protocol("exec"))?;
-            match exec_event(event)? {
+            match exec_event(event, "exec")? {
                 Some(ExecEvent::Stdout(data)) => {
                     output.push(Channel::Stdout, &data, options.max_output_bytes)
                 }
@@ -383,12 +386,34 @@ impl AgentClient {
     /// Starts a process and returns once the guest reports it started.
     pub async fn exec_stream(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
         validate_exec(&request)?;
+        let terminal = request.tty.is_some();
         let stream = self
             .client
             .open(&Request::Exec(request))
             .await
             .map_err(AgentError::protocol("exec"))?;
-        ExecSession::start(stream).await
+        ExecSession::start(stream, "exec", terminal).await
+    }
+
+    /// Attaches to the kept process `id` (started with [`ExecRequest::keep`])
+    /// and returns once the guest reports it, with its pid (as
+    /// [`AgentClient::exec_stream`]). The output that waited while nobody
+    /// was attached comes first, then live output; a process that already
+    /// exited yields its exit after its output. A stream attached elsewhere
+    /// is closed (its session gets [`AgentError::Remote`] with code
+    /// `cancelled`). Unknown id: [`AgentError::Remote`] with code
+    /// `not_found`.
+    pub async fn attach(&self, id: &str) -> Result<ExecSession, AgentError> {
+        check_keep_id("id", id)?;
+        let request = Request::Attach(AttachRequest { id: id.to_owned() });
+        let stream = self
+            .client
+            .open(&request)
+            .await
+            .map_err(AgentError::protocol("attach"))?;
+        // Only agents that know `resize` answer `attach`, and whether the
+        // process has a terminal is theirs to know.
+        ExecSession::start(stream, "attach", true).await
     }
 
     /// Copies the guest file at `path` into `out`; returns the byte count.
@@ -561,6 +586,46 @@ fn validate_exec(request: &ExecRequest) -> Result<(), AgentError> {
             "environment variable {key:?}: names must be non-empty without '=' or NUL, values without NUL"
         )));
     }
+    if let Some(id) = &request.keep {
+        check_keep_id("keep", id)?;
+    }
+    if let Some(size) = request.tty {
+        check_size("tty", size.rows, size.cols)?;
+    }
+    for limit in &request.rlimits {
+        if !RLIMIT_NAMES.contains(&limit.resource.as_str()) {
+            return Err(AgentError::InvalidRequest(format!(
+                "rlimits: unknown resource {:?}; accepted: {}",
+                limit.resource,
+                RLIMIT_NAMES.join(", ")
+            )));
+        }
+        if limit.soft > limit.hard {
+            return Err(AgentError::InvalidRequest(format!(
+                "rlimits: {} has its soft limit {} above its hard limit {}",
+                limit.resource, limit.soft, limit.hard
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_keep_id(field: &str, id: &str) -> Result<(), AgentError> {
+    if valid_keep_id(id) {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidRequest(format!(
+            "{field} {id:?}: a kept process id is {KEEP_ID_FORM}"
+        )))
+    }
+}
+
+fn check_size(field: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
+    if rows == 0 || cols == 0 {
+        return Err(AgentError::InvalidRequest(format!(
+            "{field}: a terminal needs at least 1 row and 1 column (got {rows}x{cols})"
+        )));
+    }
     Ok(())
 }
 
@@ -573,14 +638,15 @@ pub enum ExecEvent {
 }
 
 /// Maps a stream event of an exec to what callers care about (`None`: nothing).
-fn exec_event(event: StreamEvent) -> Result<Option<ExecEvent>, AgentError> {
+/// `op` names the request in errors (`exec` or `attach`).
+fn exec_event(event: StreamEvent, op: &'static str) -> Result<Option<ExecEvent>, AgentError> {
     Ok(match event {
         StreamEvent::Data(Channel::Stdout, data) => Some(ExecEvent::Stdout(data)),
         StreamEvent::Data(Channel::Stderr, data) => Some(ExecEvent::Stderr(data)),
         StreamEvent::Closed(Ok(Response::Exited(status))) => Some(ExecEvent::Exited(status)),
-        StreamEvent::Closed(Err(body)) => return Err(AgentError::Remote { op: "exec", body }),
+        StreamEvent::Closed(Err(body)) => return Err(AgentError::Remote { op, body }),
         StreamEvent::Eof(_) | StreamEvent::Message(StreamMessage::Started { .. }) => None,
-        other => return Err(AgentError::unexpected("exec", other)),
+        other => return Err(AgentError::unexpected(op, other)),
     })
 }
 
@@ -607,8 +673,71 @@ impl ExecStdin {
     }
 }
 
+/// Controls a streamed process from any task (stdin, signals, terminal
+/// size) while another one reads its output ([`ExecSession::next`]).
+/// Cheap to clone. Once the session is dropped or the process exited,
+/// every call fails.
+#[derive(Clone)]
+pub struct ExecControl {
+    sender: StreamSender,
+    /// Whether a resize is sent: not for an exec started without a
+    /// terminal (an agent older than `resize` would take the unknown
+    /// message as a broken session).
+    terminal: bool,
+}
+
+impl std::fmt::Debug for ExecControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecControl")
+            .field("stream", &self.sender.id())
+            .finish()
+    }
+}
+
+impl ExecControl {
+    /// Writes to the process's stdin (or types into its terminal); waits
+    /// for flow-control credit.
+    pub async fn write_stdin(&self, data: Bytes) -> Result<(), AgentError> {
+        self.sender
+            .send_data(Channel::Stdin, data)
+            .await
+            .map_err(AgentError::protocol("exec stdin"))
+    }
+
+    /// Closes stdin (the process reads EOF; on a terminal, input just stops).
+    pub async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.sender
+            .send_eof(Channel::Stdin)
+            .await
+            .map_err(AgentError::protocol("exec stdin"))
+    }
+
+    /// Delivers `signal` to the process, or to its whole tree with `group`.
+    pub async fn signal(&self, signal: i32, group: bool) -> Result<(), AgentError> {
+        self.sender
+            .send_message(&StreamMessage::Signal { signal, group })
+            .await
+            .map_err(AgentError::protocol("exec signal"))
+    }
+
+    /// Resizes the process's terminal (the guest ignores it for a process
+    /// without one). Both sizes must be at least 1.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        check_size("resize", rows, cols)?;
+        if !self.terminal {
+            return Ok(());
+        }
+        self.sender
+            .send_message(&StreamMessage::Resize { rows, cols })
+            .await
+            .map_err(AgentError::protocol("exec resize"))
+    }
+}
+
 /// A running process in the guest. Dropping it before the process exits
-/// makes the agent kill it.
+/// resets the stream, even while [`ExecStdin`] or [`ExecControl`] handles
+/// live on: the agent kills the process, unless it is kept
+/// ([`ExecRequest::keep`]): then it only detaches.
 pub struct ExecSession {
     pid: u32,
     sender: StreamSender,
@@ -616,17 +745,22 @@ pub struct ExecSession {
     /// Events that arrived before `Started`.
     early: VecDeque<ExecEvent>,
     exited: Option<ExitStatus>,
+    /// The request that opened the stream, for errors.
+    op: &'static str,
+    /// See [`ExecControl::terminal`].
+    terminal: bool,
 }
 
 impl ExecSession {
-    async fn start(stream: Stream) -> Result<ExecSession, AgentError> {
+    async fn start(
+        stream: Stream,
+        op: &'static str,
+        terminal: bool,
+    ) -> Result<ExecSession, AgentError> {
         let (sender, mut receiver) = stream.split();
         let mut early = VecDeque::new();
         loop {
-            let event = receiver
-                .next()
-                .await
-                .map_err(AgentError::protocol("exec"))?;
+            let event = receiver.next().await.map_err(AgentError::protocol(op))?;
             if let StreamEvent::Message(StreamMessage::Started { pid }) = event {
                 return Ok(ExecSession {
                     pid,
@@ -634,12 +768,14 @@ impl ExecSession {
                     receiver,
                     early,
                     exited: None,
+                    op,
+                    terminal,
                 });
             }
-            match exec_event(event)? {
+            match exec_event(event, op)? {
                 Some(ExecEvent::Exited(status)) => {
                     return Err(AgentError::unexpected(
-                        "exec",
+                        op,
                         format!("exited before starting: {status:?}"),
                     ))
                 }
@@ -654,6 +790,15 @@ impl ExecSession {
         self.pid
     }
 
+    /// A handle for stdin, signals and resizes, usable while another task
+    /// reads the output with [`ExecSession::next`].
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            sender: self.sender.clone(),
+            terminal: self.terminal,
+        }
+    }
+
     /// A handle to the process's stdin (the request must have had `stdin: true`).
     pub fn stdin(&self) -> ExecStdin {
         ExecStdin {
@@ -663,10 +808,12 @@ impl ExecSession {
 
     /// Delivers `signal` to the process, or to its whole tree with `group`.
     pub async fn signal(&self, signal: i32, group: bool) -> Result<(), AgentError> {
-        self.sender
-            .send_message(&StreamMessage::Signal { signal, group })
-            .await
-            .map_err(AgentError::protocol("exec signal"))
+        self.control().signal(signal, group).await
+    }
+
+    /// Resizes the process's terminal; see [`ExecControl::resize`].
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        self.control().resize(rows, cols).await
     }
 
     /// The next output or the exit; after the exit, the exit again.
@@ -683,8 +830,8 @@ impl ExecSession {
                 .receiver
                 .next()
                 .await
-                .map_err(AgentError::protocol("exec"))?;
-            if let Some(event) = exec_event(event)? {
+                .map_err(AgentError::protocol(self.op))?;
+            if let Some(event) = exec_event(event, self.op)? {
                 if let ExecEvent::Exited(status) = event {
                     self.exited = Some(status);
                 }
@@ -710,6 +857,13 @@ impl ExecSession {
                 }
             }
         }
+    }
+}
+
+impl Drop for ExecSession {
+    fn drop(&mut self) {
+        // Handles cloned from the sender must not keep the stream alive.
+        self.sender.reset();
     }
 }
 

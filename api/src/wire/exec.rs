@@ -112,6 +112,7 @@ impl ExecBody {
             user: self.user.clone().or_else(|| defaults.user.clone()),
             timeout_ms,
             stdin: interactive || self.stdin.is_some(),
+            ..ExecRequest::default()
         })
     }
 }

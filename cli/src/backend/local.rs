@@ -77,6 +77,7 @@ pub fn request(body: &ExecBody, interactive: bool) -> anyhow::Result<ExecRequest
         user: body.user.clone(),
         timeout_ms: body.timeout_secs.map(|secs| (secs * 1000.0).ceil() as u64),
         stdin: interactive || body.stdin.is_some(),
+        ..ExecRequest::default()
     })
 }
 
@@ -139,6 +140,7 @@ async fn run_tool(
         user: None,
         timeout_ms: None,
         stdin: true,
+        ..ExecRequest::default()
     };
     let agent = manager.agent(name).await?;
     let mut session = agent.exec_stream(request).await?;

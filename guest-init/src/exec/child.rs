@@ -1,8 +1,8 @@
 //! The child side of an exec: spawning with `clone(CLONE_VM | CLONE_VFORK)`
 //! (the way `posix_spawn` does it) and the child's setup before `execve`
-//! (default signal dispositions, own session, own cgroup, OOM score, stdio,
-//! working directory, user switch), and signal delivery to the process or
-//! its whole tree.
+//! (default signal dispositions, own session, own cgroup, OOM score, stdio
+//! or a pseudo-terminal, working directory, resource limits, user switch),
+//! and signal delivery to the process or its whole tree.
 //!
 //! `fork` of the multi-threaded agent copies its page tables and leaves
 //! copy-on-write faults behind; under TCG that cost milliseconds per exec.
@@ -13,7 +13,9 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+use arrakis_protocol::TtySize;
 
 use super::spec::ExecSpec;
 use crate::cgroup::ExecCgroup;
@@ -24,13 +26,82 @@ const CHILD_STACK: usize = 64 * 1024;
 const MAX_SIGNAL: c_int = 64;
 const OOM_SCORE_ADJ: &std::ffi::CStr = c"/proc/self/oom_score_adj";
 const DEV_NULL: &std::ffi::CStr = c"/dev/null";
+const PTMX: &std::ffi::CStr = c"/dev/ptmx";
 
-/// The parent's ends of a spawned child's pipes.
+/// The parent's ends of a spawned child's stdio.
 #[derive(Debug)]
-pub(super) struct ChildPipes {
-    pub stdin: Option<OwnedFd>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+pub(super) enum ChildIo {
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// The master of the child's terminal (non-blocking), for both directions.
+    Pty { master: OwnedFd },
+}
+
+/// The step of the child's set-up that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// In the agent, before the child existed (pipes, terminal, clone).
+    Prepare,
+    Session,
+    Stdio,
+    Terminal,
+    Cwd,
+    /// The limit at this index of the spec's limits.
+    Limit(usize),
+    User,
+    Exec,
+}
+
+impl Step {
+    /// Numbers stored by the child (it cannot allocate).
+    const LIMITS: u32 = 100;
+
+    fn code(self) -> u32 {
+        match self {
+            Step::Prepare => 0,
+            Step::Session => 1,
+            Step::Stdio => 2,
+            Step::Terminal => 3,
+            Step::Cwd => 4,
+            Step::User => 5,
+            Step::Exec => 6,
+            Step::Limit(index) => {
+                Step::LIMITS.saturating_add(u32::try_from(index).unwrap_or(u32::MAX))
+            }
+        }
+    }
+
+    fn from_code(code: u32) -> Step {
+        match code {
+            1 => Step::Session,
+            2 => Step::Stdio,
+            3 => Step::Terminal,
+            4 => Step::Cwd,
+            5 => Step::User,
+            6 => Step::Exec,
+            n if n >= Step::LIMITS => Step::Limit((n - Step::LIMITS) as usize),
+            _ => Step::Prepare,
+        }
+    }
+}
+
+/// A spawn that failed, and where.
+#[derive(Debug)]
+pub(super) struct SpawnError {
+    pub step: Step,
+    pub source: io::Error,
+}
+
+impl From<io::Error> for SpawnError {
+    fn from(source: io::Error) -> Self {
+        SpawnError {
+            step: Step::Prepare,
+            source,
+        }
+    }
 }
 
 /// Everything the child needs, prepared by the parent. The child runs in the
@@ -48,41 +119,62 @@ struct Plan {
     stdio: [OwnedFd; 3],
     /// `cgroup.procs` of the exec's cgroup (close-on-exec).
     cgroup_procs: Option<RawFd>,
+    /// Whether fd 0 becomes the controlling terminal (after `setsid`).
+    controlling_tty: bool,
+    /// (`RLIMIT_*`, [soft, hard]) to set, in order.
+    limits: Vec<(c_int, [u64; 2])>,
     /// (uid, gid, supplementary groups) to switch to.
     user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     /// errno of the step that failed, written by the child before it exits.
     error: AtomicI32,
+    /// The step the child is at ([`Step::code`]).
+    step: AtomicU32,
 }
 
-/// Spawns `spec` with piped stdout/stderr (and stdin when asked), in the
-/// cgroup whose `cgroup.procs` is given. Blocks until the child called
-/// `execve`; a failure before or in `execve` is returned as the error (the
-/// failed child is reaped here). Call with the supervisor's registry locked.
-pub(super) fn spawn(spec: &ExecSpec, cgroup_procs: Option<&File>) -> io::Result<(u32, ChildPipes)> {
-    let (stdin, child_stdin) = if spec.stdin {
-        let (read, write) = pipe()?;
-        (Some(write), above_stdio(read)?)
-    } else {
-        (None, above_stdio(open_dev_null()?)?)
+/// Spawns `spec` with piped stdout/stderr (and stdin when asked), or on a
+/// new terminal, in the cgroup whose `cgroup.procs` is given. Blocks until
+/// the child called `execve`; a failure before or in `execve` is returned as
+/// the error (the failed child is reaped here). Call with the supervisor's
+/// registry locked.
+pub(super) fn spawn(
+    spec: &ExecSpec,
+    cgroup_procs: Option<&File>,
+) -> Result<(u32, ChildIo), SpawnError> {
+    let (io, stdio) = match spec.tty {
+        Some(size) => {
+            let (master, slave) = open_pty(size)?;
+            let stdio = [
+                above_stdio(slave.try_clone()?)?,
+                above_stdio(slave.try_clone()?)?,
+                above_stdio(slave)?,
+            ];
+            (ChildIo::Pty { master }, stdio)
+        }
+        None => {
+            let (stdin, child_stdin) = if spec.stdin {
+                let (read, write) = pipe()?;
+                (Some(write), above_stdio(read)?)
+            } else {
+                (None, above_stdio(open_dev_null()?)?)
+            };
+            let (stdout, child_stdout) = pipe()?;
+            let (stderr, child_stderr) = pipe()?;
+            let io = ChildIo::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            };
+            let stdio = [
+                child_stdin,
+                above_stdio(child_stdout)?,
+                above_stdio(child_stderr)?,
+            ];
+            (io, stdio)
+        }
     };
-    let (stdout, child_stdout) = pipe()?;
-    let (stderr, child_stderr) = pipe()?;
-    let plan = Plan::new(
-        spec,
-        [
-            child_stdin,
-            above_stdio(child_stdout)?,
-            above_stdio(child_stderr)?,
-        ],
-        cgroup_procs.map(AsRawFd::as_raw_fd),
-    )?;
+    let plan = Plan::new(spec, stdio, cgroup_procs.map(AsRawFd::as_raw_fd))?;
     let pid = plan.clone_child()?;
-    let pipes = ChildPipes {
-        stdin,
-        stdout,
-        stderr,
-    };
-    Ok((pid, pipes))
+    Ok((pid, io))
 }
 
 impl Plan {
@@ -114,15 +206,22 @@ impl Plan {
             cwd: cstring(spec.cwd.as_os_str().as_encoded_bytes().to_vec())?,
             stdio,
             cgroup_procs,
+            controlling_tty: spec.tty.is_some(),
+            limits: spec
+                .limits
+                .iter()
+                .map(|l| (l.resource, [l.soft, l.hard]))
+                .collect(),
             user: spec
                 .switch_user
                 .then(|| (creds.uid, creds.gid, creds.groups.clone())),
             error: AtomicI32::new(0),
+            step: AtomicU32::new(0),
         })
     }
 
     /// Starts the child and waits until it exec'd or failed.
-    fn clone_child(&self) -> io::Result<u32> {
+    fn clone_child(&self) -> Result<u32, SpawnError> {
         let mut stack = vec![0u8; CHILD_STACK];
         // SAFETY: one past the end of the allocation, rounded down to the
         // 16-byte alignment the ABI wants; the stack grows down from there.
@@ -156,7 +255,7 @@ impl Plan {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         drop(stack);
         if pid < 0 {
-            return Err(clone_error);
+            return Err(clone_error.into());
         }
         match self.error.load(Ordering::Acquire) {
             0 => Ok(pid.unsigned_abs()),
@@ -164,15 +263,23 @@ impl Plan {
                 // The child has exited: reap it (the caller holds the
                 // registry lock, so the reaper cannot have taken it).
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-                Err(io::Error::from_raw_os_error(errno))
+                Err(SpawnError {
+                    step: Step::from_code(self.step.load(Ordering::Acquire)),
+                    source: io::Error::from_raw_os_error(errno),
+                })
             }
         }
+    }
+
+    fn at(&self, step: Step) {
+        self.step.store(step.code(), Ordering::Release);
     }
 
     /// The child's work; returns the errno of the failed step (on success
     /// `execve` does not return).
     fn run_child(&self) -> c_int {
         reset_signals();
+        self.at(Step::Session);
         // SAFETY: setsid takes no arguments; the child is not a group leader.
         if unsafe { libc::setsid() } < 0 {
             return errno();
@@ -183,6 +290,7 @@ impl Plan {
             let _ = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
         }
         reset_oom_score();
+        self.at(Step::Stdio);
         for (target, fd) in (0..).zip(&self.stdio) {
             // SAFETY: dup2 of an open fd (above 2) onto 0..=2; the copy is
             // not close-on-exec.
@@ -190,10 +298,36 @@ impl Plan {
                 return errno();
             }
         }
+        self.at(Step::Terminal);
+        // SAFETY: TIOCSCTTY on fd 0 (the terminal's slave) of a session
+        // leader without a controlling terminal; the argument is an integer.
+        if self.controlling_tty && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return errno();
+        }
+        self.at(Step::Cwd);
         // SAFETY: a NUL-terminated path owned by the plan.
         if unsafe { libc::chdir(self.cwd.as_ptr()) } < 0 {
             return errno();
         }
+        // Before the user switch: raising a hard limit needs root.
+        for (index, (resource, limit)) in self.limits.iter().enumerate() {
+            self.at(Step::Limit(index));
+            // SAFETY: prlimit64 on this process (pid 0) with a pointer to
+            // two u64 (the kernel's struct rlimit64) owned by the plan.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    *resource,
+                    limit.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                )
+            };
+            if rc < 0 {
+                return errno();
+            }
+        }
+        self.at(Step::User);
         if let Err(e) = self.switch_user() {
             return e;
         }
@@ -208,6 +342,7 @@ impl Plan {
                 8,
             )
         };
+        self.at(Step::Exec);
         self.exec()
     }
 
@@ -324,6 +459,49 @@ fn reset_oom_score() {
 /// A close-on-exec pipe: (read end, write end).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// A new pseudo-terminal of `size`: (master, non-blocking; slave), both
+/// close-on-exec, the slave not made anyone's controlling terminal here.
+fn open_pty(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: a static NUL-terminated path.
+    let fd = unsafe { libc::open(PTMX.as_ptr(), flags | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let unlock: c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from a live local.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes the open flags as an integer and returns a new fd.
+    let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_window_size(&master, size)?;
+    Ok((master, slave))
+}
+
+/// `TIOCSWINSZ` on a terminal (either end): the foreground process group
+/// gets `SIGWINCH` when the size changed.
+pub(super) fn set_window_size(terminal: &impl AsRawFd, size: TtySize) -> io::Result<()> {
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn open_dev_null() -> io::Result<OwnedFd> {

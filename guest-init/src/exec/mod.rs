@@ -1,36 +1,40 @@
 //! The `Exec` request, independent of the multiplexer: spawns the command
-//! through the [`Supervisor`], streams its stdout/stderr as they are
-//! produced (backpressured by the host's flow control), feeds stdin, delivers
-//! signals, enforces the timeout, and reports the exit as soon as the main
-//! process is gone, even when background children keep the pipes open.
+//! through the [`Supervisor`], streams its stdout/stderr (or its terminal)
+//! as they are produced (backpressured by the host's flow control), feeds
+//! stdin, delivers signals and resizes, enforces the timeout, and reports
+//! the exit as soon as the main process is gone, even when background
+//! children keep the pipes open.
+//!
+//! An exec's life is tied to its stream unless it is kept (see [`kept`]):
+//! then the stream only attaches to it, and `Attach` can take it over.
 //!
 //! The stream is reached through two small traits ([`ExecOutput`],
 //! [`ExecInput`]) so the whole behaviour is testable with plain channels.
 
 mod child;
+mod kept;
 mod spec;
+mod stdio;
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrakis_protocol::{Channel, ExecRequest, ExitStatus};
+use arrakis_protocol::{valid_keep_id, Channel, ExecRequest, ExitStatus, TtySize, KEEP_ID_FORM};
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-pub use spec::{ExecSpec, DEFAULT_PATH};
+pub use kept::{AttachEnd, ReplyAck};
+pub use spec::{ExecSpec, Limit, DEFAULT_PATH};
 
 use crate::cgroup::{Cgroups, ExecCgroup};
 use crate::log::RateLimit;
 use crate::supervisor::{ProcessExit, SpawnedChild, Supervisor};
 use crate::users::UserError;
-use child::ChildPipes;
+use child::{ChildIo, SpawnError, Step};
+use stdio::{Pty, StdinQueue, Stdio};
 
 /// Largest DATA chunk read from a pipe at once.
 pub const CHUNK: usize = 64 * 1024;
@@ -72,8 +76,20 @@ pub enum ExecError {
         #[source]
         source: io::Error,
     },
+    /// A step of the child's set-up before `execve` failed.
+    #[error("cannot {step} for {program:?}")]
+    Setup {
+        program: String,
+        step: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the exit status of pid {pid} was lost")]
     Lost { pid: u32 },
+    #[error("a kept process {id:?} already exists")]
+    AlreadyKept { id: String },
+    #[error("no kept process {id:?} (never started, or its exit was already reported)")]
+    NotKept { id: String },
 }
 
 /// The host side went away (stream reset or session closed).
@@ -83,7 +99,10 @@ pub struct Gone;
 /// Where the exec sends what it produces.
 pub trait ExecOutput: Clone + Send + Sync + 'static {
     fn started(&self, pid: u32) -> impl Future<Output = Result<(), Gone>> + Send;
-    /// Waits for flow-control credit; this is what slows a chatty command down.
+    /// Waits for flow-control credit; this is what slows a chatty command
+    /// down. Dropping the future before it finished must send nothing (a
+    /// kept exec then keeps the chunk for the next stream); `data` is at
+    /// most [`CHUNK`] bytes.
     fn data(&self, channel: Channel, data: Bytes) -> impl Future<Output = Result<(), Gone>> + Send;
     fn eof(&self, channel: Channel) -> impl Future<Output = Result<(), Gone>> + Send;
 }
@@ -97,12 +116,18 @@ pub enum HostEvent {
         signal: i32,
         group: bool,
     },
-    /// The host abandoned the stream or the session ended: kill the tree.
+    /// The terminal's new size (ignored without a terminal).
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+    /// The host abandoned the stream or the session ended: kill the tree
+    /// (a kept exec only detaches).
     Cancel,
 }
 
 /// Where the exec takes host events from. After [`HostEvent::Cancel`] it is
-/// not polled again.
+/// not polled again. `next` must be cancel-safe (it is raced in `select!`).
 pub trait ExecInput: Send + 'static {
     fn next(&mut self) -> impl Future<Output = HostEvent> + Send;
 }
@@ -122,10 +147,23 @@ pub struct ExecContext {
     pub cgroups: Arc<Cgroups>,
     /// Root of the users database and the shell lookup (`/` in the guest).
     pub root: PathBuf,
+    /// The kept execs, by id.
+    kept: kept::Registry,
 }
 
 impl ExecContext {
-    /// Validates, spawns and supervises one exec until its main process exits.
+    pub fn new(supervisor: &'static Supervisor, cgroups: Arc<Cgroups>, root: PathBuf) -> Self {
+        ExecContext {
+            supervisor,
+            cgroups,
+            root,
+            kept: kept::Registry::default(),
+        }
+    }
+
+    /// Validates, spawns and supervises one exec until its main process
+    /// exits; a cancel kills its tree. Kept execs go through
+    /// [`ExecContext::run_kept`].
     pub async fn run<O: ExecOutput, I: ExecInput>(
         &self,
         request: &ExecRequest,
@@ -133,20 +171,90 @@ impl ExecContext {
         input: I,
     ) -> Result<ExecOutcome, ExecError> {
         let spec = ExecSpec::from_request(request, &self.root)?;
-        let timeout = spec.timeout;
+        if spec.keep.is_some() {
+            return Err(ExecError::Invalid {
+                field: "keep".into(),
+                reason: "a kept exec is run by run_kept".into(),
+            });
+        }
+        let started = std::time::Instant::now();
+        let (running, child) = self.spawn(&spec)?;
+        let outcome = running.supervise(child, spec.stdin, out, input).await;
+        tracing::debug!(
+            total_us = started.elapsed().as_micros() as u64,
+            "exec finished"
+        );
+        outcome
+    }
+
+    /// Validates and spawns a kept exec (its id must be free), then serves
+    /// `out`/`input` as its first attached stream: returns when that stream
+    /// ends (see [`AttachEnd`]). The process outlives it.
+    pub async fn run_kept<O: ExecOutput, I: ExecInput>(
+        &self,
+        request: &ExecRequest,
+        out: O,
+        input: I,
+    ) -> Result<AttachEnd, ExecError> {
+        let spec = ExecSpec::from_request(request, &self.root)?;
+        let Some(id) = spec.keep.clone() else {
+            return Err(ExecError::Invalid {
+                field: "keep".into(),
+                reason: "run_kept needs a kept id".into(),
+            });
+        };
+        let attachments = self.kept.reserve(&id)?;
+        let (running, child) = match self.spawn(&spec) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                self.kept.release(&id);
+                return Err(e);
+            }
+        };
+        let stdio = Stdio::new(child.io, spec.stdin);
+        let owner = kept::Owner::new(kept::Parts {
+            id: id.clone(),
+            registry: self.kept.clone(),
+            running,
+            exit: child.exit,
+            stdio,
+            attachments,
+        });
+        let (first, end) = kept::Attachment::new(out, input);
+        tokio::spawn(owner.run(first));
+        end.await.map_err(|_| ExecError::NotKept { id })
+    }
+
+    /// Attaches `out`/`input` to the kept exec `id`, taking it over from
+    /// the stream attached now; returns when this stream ends.
+    pub async fn attach<O: ExecOutput, I: ExecInput>(
+        &self,
+        id: &str,
+        out: O,
+        input: I,
+    ) -> Result<AttachEnd, ExecError> {
+        if !valid_keep_id(id) {
+            return Err(ExecError::Invalid {
+                field: "id".into(),
+                reason: format!("{id:?} is not {KEEP_ID_FORM}"),
+            });
+        }
+        let (attachment, end) = kept::Attachment::new(out, input);
+        self.kept.attach(id, attachment)?;
+        end.await.map_err(|_| ExecError::NotKept { id: id.into() })
+    }
+
+    /// Spawns `spec` in a fresh cgroup.
+    fn spawn(&self, spec: &ExecSpec) -> Result<(Running, SpawnedChild<ChildIo>), ExecError> {
         let cgroup = self.cgroups.create_exec();
         let procs = cgroup.as_ref().and_then(|c| c.procs_for_join().ok());
-        let supervisor = self.supervisor;
         let started = std::time::Instant::now();
         // Inline, not on a blocking thread: the vfork-style spawn holds this
         // worker only until the child's execve (about a millisecond under
         // TCG), less than the two thread hops of spawn_blocking.
-        let spawned = supervisor.spawn(|| child::spawn(&spec, procs.as_ref()));
+        let spawned = self.supervisor.spawn(|| child::spawn(spec, procs.as_ref()));
         drop(procs);
-        let child = spawned.map_err(|source| ExecError::Spawn {
-            program: spec.program.clone(),
-            source,
-        })?;
+        let child = spawned.map_err(|error| spawn_error(spec, error))?;
         tracing::debug!(
             pid = child.pid,
             spawn_us = started.elapsed().as_micros() as u64,
@@ -155,14 +263,10 @@ impl ExecContext {
         let running = Running {
             pid: i32::try_from(child.pid).unwrap_or(i32::MAX),
             cgroup,
-            timeout,
+            timeout: spec.timeout,
+            pty: None,
         };
-        let outcome = running.supervise(child, out, input).await;
-        tracing::debug!(
-            total_us = started.elapsed().as_micros() as u64,
-            "exec finished"
-        );
-        outcome
+        Ok((running, child))
     }
 
     /// Prepares the next exec (its cgroup) in the background; called once
@@ -175,41 +279,80 @@ impl ExecContext {
     }
 }
 
+fn spawn_error(spec: &ExecSpec, error: SpawnError) -> ExecError {
+    let program = spec.program.clone();
+    let source = error.source;
+    let step = match error.step {
+        Step::Prepare | Step::Exec => return ExecError::Spawn { program, source },
+        Step::Session => "start a new session".to_owned(),
+        Step::Stdio => "set up stdin, stdout and stderr".to_owned(),
+        Step::Terminal => "make the terminal the controlling terminal".to_owned(),
+        Step::Cwd => format!("enter the working directory {}", spec.cwd.display()),
+        Step::Limit(index) => match spec.limits.get(index) {
+            Some(limit) => format!(
+                "set {} to soft {}, hard {}",
+                limit.name, limit.soft, limit.hard
+            ),
+            None => "set a resource limit".to_owned(),
+        },
+        Step::User => {
+            let creds = &spec.credentials;
+            format!(
+                "switch to uid {}, gid {} with {} supplementary groups",
+                creds.uid,
+                creds.gid,
+                creds.groups.len()
+            )
+        }
+    };
+    ExecError::Setup {
+        program,
+        step,
+        source,
+    }
+}
+
 /// A spawned exec while it is supervised.
 struct Running {
     pid: i32,
     cgroup: Option<ExecCgroup>,
     timeout: Option<Duration>,
+    /// The exec's terminal, when it has one.
+    pty: Option<Arc<Pty>>,
 }
 
 impl Running {
     async fn supervise<O: ExecOutput, I: ExecInput>(
-        self,
-        child: SpawnedChild<ChildPipes>,
+        mut self,
+        child: SpawnedChild<ChildIo>,
+        stdin: bool,
         out: O,
         input: I,
     ) -> Result<ExecOutcome, ExecError> {
-        let stdout = Some(receiver(child.io.stdout));
-        let stderr = Some(receiver(child.io.stderr));
-        let stdin = child.io.stdin.map(stdin_writer);
+        let stdio = Stdio::new(child.io, stdin);
+        self.pty = stdio.pty;
         let mut cancelled = out.started(child.pid).await.is_err();
         if cancelled {
             self.kill_tree();
         }
         let (detach_tx, detach_rx) = watch::channel(false);
-        let forwarders =
-            [(Channel::Stdout, stdout), (Channel::Stderr, stderr)].map(|(channel, pipe)| {
-                let out = out.clone();
-                let detach = detach_rx.clone();
-                tokio::spawn(async move {
-                    match pipe {
-                        Some(Ok(pipe)) => forward(pipe, channel, out, detach).await,
-                        _ => None,
-                    }
-                })
-            });
-        let (exit, timed_out, input_cancelled) =
-            self.wait_main(child.exit, input, stdin, cancelled).await;
+        let forwarders = [
+            (Channel::Stdout, stdio.stdout),
+            (Channel::Stderr, stdio.stderr),
+        ]
+        .map(|(channel, source)| {
+            let out = out.clone();
+            let detach = detach_rx.clone();
+            tokio::spawn(async move {
+                match source {
+                    Some(source) => stdio::forward(source, channel, out, detach).await,
+                    None => None,
+                }
+            })
+        });
+        let (exit, timed_out, input_cancelled) = self
+            .wait_main(child.exit, input, stdio.stdin, cancelled)
+            .await;
         cancelled |= input_cancelled;
         let exit = exit.ok_or(ExecError::Lost { pid: child.pid })?;
 
@@ -225,25 +368,14 @@ impl Running {
             }
         };
         for leftover in [a, b].into_iter().flatten().flatten() {
-            tokio::spawn(discard(leftover));
+            tokio::spawn(stdio::discard(leftover));
         }
         if !cancelled {
             for channel in [Channel::Stdout, Channel::Stderr] {
                 cancelled |= out.eof(channel).await.is_err();
             }
         }
-        let status = match exit {
-            ProcessExit::Exited(code) => ExitStatus {
-                code: Some(code),
-                signal: None,
-                timed_out,
-            },
-            ProcessExit::Signaled(signal) => ExitStatus {
-                code: None,
-                signal: Some(signal),
-                timed_out,
-            },
-        };
+        let status = exit_status(exit, timed_out);
         Ok(ExecOutcome { status, cancelled })
     }
 
@@ -254,10 +386,9 @@ impl Running {
         &self,
         mut exit: tokio::sync::oneshot::Receiver<ProcessExit>,
         mut input: I,
-        stdin: Option<io::Result<mpsc::Sender<Bytes>>>,
+        mut stdin: StdinQueue,
         mut cancelled: bool,
     ) -> (Option<ProcessExit>, bool, bool) {
-        let mut stdin = StdinQueue::new(stdin.and_then(Result::ok));
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let sleep = tokio::time::sleep_until(
             deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400)),
@@ -302,9 +433,24 @@ impl Running {
                     child::signal_process(self.pid, signal);
                 }
             }
+            HostEvent::Resize { rows, cols } => self.resize(TtySize { rows, cols }),
             HostEvent::Cancel => return true,
         }
         false
+    }
+
+    fn resize(&self, size: TtySize) {
+        let Some(pty) = &self.pty else {
+            if LOG_LIMIT.allow() {
+                tracing::debug!(?size, "ignoring a resize of an exec without a terminal");
+            }
+            return;
+        };
+        if let Err(error) = pty.resize(size) {
+            if LOG_LIMIT.allow() {
+                tracing::debug!(%error, ?size, "resizing the terminal failed");
+            }
+        }
     }
 
     fn kill_tree(&self) {
@@ -312,158 +458,18 @@ impl Running {
     }
 }
 
-fn receiver(fd: OwnedFd) -> io::Result<pipe::Receiver> {
-    pipe::Receiver::from_owned_fd(fd)
-}
-
-/// Starts the task that writes queued stdin chunks into the child's stdin.
-/// Dropping the returned sender (after the queue drained) closes the pipe.
-fn stdin_writer(fd: OwnedFd) -> io::Result<mpsc::Sender<Bytes>> {
-    let mut pipe = pipe::Sender::from_owned_fd(fd)?;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-    tokio::spawn(async move {
-        while let Some(chunk) = rx.recv().await {
-            // EPIPE: the child closed its stdin; the queue stops accepting.
-            if pipe.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(tx)
-}
-
-/// Stdin from the host waiting for the writer task.
-struct StdinQueue {
-    writer: Option<mpsc::Sender<Bytes>>,
-    queue: VecDeque<Bytes>,
-    queued: usize,
-    eof: bool,
-}
-
-impl StdinQueue {
-    fn new(writer: Option<mpsc::Sender<Bytes>>) -> StdinQueue {
-        StdinQueue {
-            writer,
-            queue: VecDeque::new(),
-            queued: 0,
-            eof: false,
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        self.queued < STDIN_BUFFER
-    }
-
-    fn push(&mut self, data: Bytes) {
-        if self.writer.is_some() && !self.eof && !data.is_empty() {
-            self.queued += data.len();
-            self.queue.push_back(data);
-        }
-    }
-
-    fn finish(&mut self) {
-        self.eof = true;
-        if self.queue.is_empty() {
-            self.writer = None;
-        }
-    }
-
-    fn close(&mut self) {
-        self.writer = None;
-        self.queue.clear();
-        self.queued = 0;
-    }
-
-    fn can_flush(&self) -> bool {
-        self.writer.is_some() && !self.queue.is_empty()
-    }
-
-    /// Hands the oldest chunk to the writer; false when the writer is gone.
-    async fn flush_one(&mut self) -> bool {
-        {
-            let Some(writer) = &self.writer else {
-                return false;
-            };
-            let Ok(permit) = writer.reserve().await else {
-                return false;
-            };
-            if let Some(chunk) = self.queue.pop_front() {
-                self.queued -= chunk.len();
-                permit.send(chunk);
-            }
-        }
-        if self.eof && self.queue.is_empty() {
-            self.writer = None;
-        }
-        true
-    }
-}
-
-/// Forwards one pipe until EOF, or until told to detach; then sends what is
-/// already buffered (bounded) and hands the pipe back if it is still open.
-async fn forward<O: ExecOutput>(
-    mut pipe: pipe::Receiver,
-    channel: Channel,
-    out: O,
-    mut detach: watch::Receiver<bool>,
-) -> Option<pipe::Receiver> {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let read = tokio::select! {
-            biased;
-            _ = detach.wait_for(|d| *d) => break,
-            read = pipe.read(&mut buf) => read,
-        };
-        match read {
-            Ok(0) => return None,
-            Ok(n) => {
-                if out
-                    .data(channel, Bytes::copy_from_slice(&buf[..n]))
-                    .await
-                    .is_err()
-                {
-                    return Some(pipe);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    let mut budget = DRAIN_LIMIT;
-    while budget > 0 {
-        match nix::unistd::read(&pipe, &mut buf) {
-            Ok(0) => return None,
-            Ok(n) => {
-                budget = budget.saturating_sub(n);
-                if out
-                    .data(channel, Bytes::copy_from_slice(&buf[..n]))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => break,
-            Err(_) => return None,
-        }
-    }
-    Some(pipe)
-}
-
-/// Reads and drops a detached pipe until its last writer is gone, so a
-/// background process writing to it does not die of SIGPIPE. Paced (one
-/// read per [`DISCARD_PACE`]) so an endless writer costs the agent little:
-/// it blocks on the full pipe instead.
-async fn discard(mut pipe: pipe::Receiver) {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) => return,
-            Ok(_) => tokio::time::sleep(DISCARD_PACE).await,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
+fn exit_status(exit: ProcessExit, timed_out: bool) -> ExitStatus {
+    match exit {
+        ProcessExit::Exited(code) => ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out,
+        },
+        ProcessExit::Signaled(signal) => ExitStatus {
+            code: None,
+            signal: Some(signal),
+            timed_out,
+        },
     }
 }
 

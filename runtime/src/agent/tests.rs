@@ -15,6 +15,8 @@ use super::*;
 struct FakeGuest {
     files: Mutex<HashMap<String, Vec<u8>>>,
     requests: AtomicUsize,
+    /// Exec streams the host reset.
+    resets: AtomicUsize,
 }
 
 fn fail(code: ErrorCode, message: &str) -> arrakis_protocol::Outcome {
@@ -22,7 +24,7 @@ fn fail(code: ErrorCode, message: &str) -> arrakis_protocol::Outcome {
 }
 
 impl FakeGuest {
-    async fn exec(&self, argv: Vec<String>, mut stream: Stream) {
+    async fn exec(&self, argv: Vec<String>, stream: Stream) {
         let Some(program) = argv.first().cloned() else {
             let _ = stream
                 .close(fail(ErrorCode::InvalidArgument, "empty argv"))
@@ -38,11 +40,16 @@ impl FakeGuest {
         let _ = stream
             .send_message(&StreamMessage::Started { pid: 42 })
             .await;
+        self.run(&program, &argv, stream).await;
+    }
+
+    /// The process of an exec or attach stream, after `Started`.
+    async fn run(&self, program: &str, argv: &[String], mut stream: Stream) {
         let mut status = ExitStatus {
             code: Some(0),
             ..ExitStatus::default()
         };
-        match program.as_str() {
+        match program {
             "echo" => {
                 let out = Bytes::from(argv[1..].join(" "));
                 let _ = stream.send_data(Channel::Stdout, out).await;
@@ -62,6 +69,10 @@ impl FakeGuest {
                     Ok(StreamEvent::Data(Channel::Stdin, data)) => {
                         let _ = stream.send_data(Channel::Stdout, data).await;
                     }
+                    Ok(StreamEvent::Message(StreamMessage::Resize { rows, cols })) => {
+                        let text = Bytes::from(format!("resize {rows}x{cols}"));
+                        let _ = stream.send_data(Channel::Stdout, text).await;
+                    }
                     Ok(StreamEvent::Message(StreamMessage::Signal { signal, .. })) => {
                         status = ExitStatus {
                             code: None,
@@ -71,8 +82,11 @@ impl FakeGuest {
                         break;
                     }
                     Ok(StreamEvent::Eof(Channel::Stdin)) => break,
+                    Ok(StreamEvent::Reset) | Err(_) => {
+                        self.resets.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     Ok(_) => {}
-                    Err(_) => return,
                 }
             },
             _ => {}
@@ -132,6 +146,16 @@ impl Handler for FakeGuest {
                     command: Command::Argv(argv),
                     ..
                 }) => self.exec(argv, stream).await,
+                Request::Attach(req) if req.id == "kept" => {
+                    let _ = stream
+                        .send_message(&StreamMessage::Started { pid: 43 })
+                        .await;
+                    self.run("cat", &[], stream).await;
+                }
+                Request::Attach(req) => {
+                    let message = format!("no kept process {:?}", req.id);
+                    drop(stream.close(fail(ErrorCode::NotFound, &message)).await)
+                }
                 Request::WriteFile(req) => self.write(req.path, stream).await,
                 Request::ReadFile(req) => self.read(req.path, stream).await,
                 _ => drop(stream.close(fail(ErrorCode::Unsupported, "fake")).await),
@@ -227,6 +251,9 @@ async fn exec_stream_pipes_stdin_and_signals() {
         .await
         .unwrap();
     assert_eq!(session.pid(), 42);
+    // Without a terminal a resize is not even sent (older agents do not
+    // know the message).
+    session.resize(10, 10).await.unwrap();
     let stdin = session.stdin();
     stdin.write(Bytes::from_static(b"ping")).await.unwrap();
     assert_eq!(
@@ -359,4 +386,166 @@ async fn wait_ready_gives_up_when_the_vm_dies_or_time_runs_out() {
         }
         other => panic!("unexpected {other}"),
     }
+}
+
+#[tokio::test]
+async fn attach_and_control_from_other_tasks() {
+    let (_dir, _guest, agent) = connected().await;
+    let mut session = agent.attach("kept").await.unwrap();
+    assert_eq!(session.pid(), 43);
+    let control = session.control();
+    let writer = {
+        let control = control.clone();
+        tokio::spawn(async move {
+            control.resize(30, 100).await.unwrap();
+            control
+                .write_stdin(Bytes::from_static(b"ping"))
+                .await
+                .unwrap();
+        })
+    };
+    assert_eq!(
+        session.next().await.unwrap(),
+        ExecEvent::Stdout(Bytes::from_static(b"resize 30x100"))
+    );
+    assert_eq!(
+        session.next().await.unwrap(),
+        ExecEvent::Stdout(Bytes::from_static(b"ping"))
+    );
+    writer.await.unwrap();
+    session.resize(5, 6).await.unwrap();
+    assert_eq!(
+        session.next().await.unwrap(),
+        ExecEvent::Stdout(Bytes::from_static(b"resize 5x6"))
+    );
+    control.close_stdin().await.unwrap();
+    let out = session.wait(ExecOptions::default()).await.unwrap();
+    assert_eq!(out.status.code, Some(0));
+    // The stream is over: the handle says so instead of hanging.
+    assert!(control
+        .write_stdin(Bytes::from_static(b"late"))
+        .await
+        .is_err());
+
+    let session = agent.attach("kept").await.unwrap();
+    let control = session.control();
+    control.signal(9, true).await.unwrap();
+    let out = session.wait(ExecOptions::default()).await.unwrap();
+    assert_eq!(out.status.signal, Some(9));
+}
+
+#[tokio::test]
+async fn attach_to_an_unknown_id_keeps_the_guest_code() {
+    let (_dir, guest, agent) = connected().await;
+    let err = agent.attach("gone").await.err().expect("not found");
+    assert!(
+        matches!(&err, AgentError::Remote { op: "attach", body } if body.code == ErrorCode::NotFound),
+        "{err:?}"
+    );
+    let before = guest.requests.load(Ordering::SeqCst);
+    for bad in ["", "a b", "../x", &"k".repeat(65)] {
+        let err = agent.attach(bad).await.err().expect("invalid");
+        assert!(
+            matches!(err, AgentError::InvalidRequest(_)),
+            "{bad:?}: {err:?}"
+        );
+    }
+    assert_eq!(guest.requests.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn dropping_a_session_resets_it_even_while_handles_live() {
+    let (_dir, guest, agent) = connected().await;
+    let session = agent
+        .exec_stream(ExecRequest {
+            stdin: true,
+            ..argv(&["cat"])
+        })
+        .await
+        .unwrap();
+    let (control, stdin) = (session.control(), session.stdin());
+    drop(session);
+    for _ in 0..200 {
+        if guest.resets.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        guest.resets.load(Ordering::SeqCst),
+        1,
+        "the guest saw no reset"
+    );
+    assert!(control.write_stdin(Bytes::from_static(b"x")).await.is_err());
+    assert!(stdin.close().await.is_err());
+    agent.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn new_exec_fields_are_checked_before_sending() {
+    let (_dir, guest, agent) = connected().await;
+    let before = guest.requests.load(Ordering::SeqCst);
+    let rlimit = |resource: &str, soft, hard| arrakis_protocol::Rlimit {
+        resource: resource.into(),
+        soft,
+        hard,
+    };
+    let bad = [
+        ExecRequest {
+            keep: Some("no/slash".into()),
+            ..argv(&["true"])
+        },
+        ExecRequest {
+            tty: Some(arrakis_protocol::TtySize { rows: 0, cols: 80 }),
+            ..argv(&["true"])
+        },
+        ExecRequest {
+            rlimits: vec![rlimit("RLIMIT_FOO", 1, 1)],
+            ..argv(&["true"])
+        },
+        ExecRequest {
+            rlimits: vec![rlimit("RLIMIT_NOFILE", 2, 1)],
+            ..argv(&["true"])
+        },
+    ];
+    for request in bad {
+        let err = agent
+            .exec_stream(request.clone())
+            .await
+            .err()
+            .expect("rejected");
+        assert!(
+            matches!(err, AgentError::InvalidRequest(_)),
+            "{request:?}: {err:?}"
+        );
+    }
+    let err = agent
+        .exec_stream(ExecRequest {
+            rlimits: vec![rlimit("RLIMIT_FOO", 1, 1)],
+            ..argv(&["true"])
+        })
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("RLIMIT_NOFILE"),
+        "lists the accepted names: {err}"
+    );
+    assert_eq!(guest.requests.load(Ordering::SeqCst), before);
+    // A valid one goes out.
+    let session = agent
+        .exec_stream(ExecRequest {
+            keep: Some("init".into()),
+            tty: Some(arrakis_protocol::TtySize { rows: 24, cols: 80 }),
+            rlimits: vec![rlimit("RLIMIT_NOFILE", 1024, 4096)],
+            groups: vec![10],
+            clear_env: true,
+            ..argv(&["echo", "ok"])
+        })
+        .await
+        .unwrap();
+    let err = session.resize(0, 10).await.unwrap_err();
+    assert!(matches!(err, AgentError::InvalidRequest(_)), "{err:?}");
+    let out = session.wait(ExecOptions::default()).await.unwrap();
+    assert_eq!(out.stdout, b"ok");
 }

@@ -346,6 +346,7 @@ async fn run(
         user: config.user.clone(),
         timeout_ms: None,
         stdin: false,
+        ..ExecRequest::default()
     };
     let mut session = vm
         .agent
