@@ -542,6 +542,25 @@ pub enum SnapshotsVerb {
     /// Delete a snapshot.
     #[command(visible_alias = "delete")]
     Rm { id: String },
+    /// Write a snapshot into an existing empty directory as a checkpoint
+    /// that stands alone: device state, the RAM without its holes, and the
+    /// whole disk (base image included) in one qcow2. Copy the directory
+    /// anywhere (a plain tar is fine) and `snapshots import` it. Runs on this
+    /// machine's state (not with --server).
+    Export {
+        /// The snapshot to export.
+        id: String,
+        /// An existing empty directory.
+        dir: PathBuf,
+    },
+    /// Import a checkpoint directory written by `snapshots export` (checked
+    /// file by file: it may come from anywhere) as a new snapshot with a
+    /// new id, which `restore` restores. Runs on this machine's state (not
+    /// with --server).
+    Import {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
     /// Show the lineage of snapshots and sandboxes as a tree.
     ///
     /// Each snapshot is shown under the snapshot its sandbox came from,

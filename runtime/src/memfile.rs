@@ -295,6 +295,266 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// First bytes of a packed RAM file ([`pack`]).
+const PACK_MAGIC: [u8; 8] = *b"ARRKRAM\0";
+
+/// The version of the packed RAM format [`pack`] writes and [`unpack`] reads.
+pub const PACK_VERSION: u32 = 1;
+
+/// Bytes of a packed RAM file's header.
+const PACK_HEADER: usize = 32;
+
+/// Bytes of one extent in a packed RAM file's table.
+const PACK_EXTENT: usize = 16;
+
+/// What [`pack`] wrote or [`unpack`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packed {
+    /// Runs of data (pages that are not zero).
+    pub extents: u64,
+    /// Bytes of data in them.
+    pub data_bytes: u64,
+}
+
+/// One run of data in a RAM file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    offset: u64,
+    len: u64,
+}
+
+/// Writes the RAM file `src` to `out` without its holes (a tar would fill
+/// them in), in the packed format (all integers little-endian):
+///
+/// - a 32-byte header: the magic `ARRKRAM\0`, the version (u32, 1), the
+///   page size (u32, 4096), the size of the RAM (u64) and the number of
+///   extents (u64);
+/// - the extents: (offset, length) pairs of u64, page-aligned, non-empty,
+///   sorted and apart (each starts after the end of the one before);
+/// - the bytes of every extent, in order.
+///
+/// Extents are the pages that are allocated and not all zero, so the pack
+/// is as large as what the guest used. `src`'s length must be a multiple
+/// of the page size. Reads `src` twice (extents, then data).
+pub fn pack(src: &Path, out: &mut impl io::Write) -> io::Result<Packed> {
+    let input = File::open(src)?;
+    let size = input.metadata()?.len();
+    if size % PAGE as u64 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{size} bytes is not a whole number of {PAGE}-byte pages"),
+        ));
+    }
+    let extents = data_extents(&input, size)?;
+    let mut header = Vec::with_capacity(PACK_HEADER + extents.len() * PACK_EXTENT);
+    header.extend_from_slice(&PACK_MAGIC);
+    header.extend_from_slice(&PACK_VERSION.to_le_bytes());
+    header.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    header.extend_from_slice(&size.to_le_bytes());
+    header.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+    for extent in &extents {
+        header.extend_from_slice(&extent.offset.to_le_bytes());
+        header.extend_from_slice(&extent.len.to_le_bytes());
+    }
+    out.write_all(&header)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut data_bytes = 0u64;
+    for extent in &extents {
+        let mut at = extent.offset;
+        let end = extent.offset + extent.len;
+        while at < end {
+            let want = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+            if read_full(&input, &mut buf[..want], at)? != want {
+                return Err(invalid(format!(
+                    "{} shrank while it was packed",
+                    src.display()
+                )));
+            }
+            out.write_all(&buf[..want])?;
+            at += want as u64;
+        }
+        data_bytes += extent.len;
+    }
+    out.flush()?;
+    Ok(Packed {
+        extents: extents.len() as u64,
+        data_bytes,
+    })
+}
+
+/// The runs of pages of `input` (of `size` bytes) that are allocated and
+/// not all zero, merged where they touch.
+fn data_extents(input: &File, size: u64) -> io::Result<Vec<Extent>> {
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < size {
+        let Some(data) = seek(input, offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        // Allocation is per block, which may be smaller than a page: read
+        // whole pages around the data.
+        let start = data - data % PAGE as u64;
+        let end = seek(input, data, libc::SEEK_HOLE)?
+            .unwrap_or(size)
+            .next_multiple_of(PAGE as u64)
+            .min(size);
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+            let got = read_full(input, &mut buf[..want], at)?;
+            if got == 0 {
+                break;
+            }
+            for (i, page) in buf[..got].chunks(PAGE).enumerate() {
+                if is_zero(page) {
+                    continue;
+                }
+                let page_at = at + (i * PAGE) as u64;
+                match extents.last_mut() {
+                    Some(last) if last.offset + last.len == page_at => last.len += PAGE as u64,
+                    _ => extents.push(Extent {
+                        offset: page_at,
+                        len: PAGE as u64,
+                    }),
+                }
+            }
+            at += got as u64;
+        }
+        offset = end.max(start + PAGE as u64);
+    }
+    Ok(extents)
+}
+
+/// Rebuilds a RAM file packed by [`pack`] from `input` (`input_len` bytes
+/// in all) into `dst` (created with mode 0600, or truncated), sparse: only
+/// pages that are not zero are written. The pack is untrusted: it must say
+/// the RAM is `size` bytes, and its extents must be page-aligned, sorted,
+/// apart and inside the RAM; its length must be exactly what its header
+/// and table call for. Anything else is an `InvalidData` error saying what
+/// is wrong. Reads `input` once, front to back.
+pub fn unpack(
+    input: &mut impl io::Read,
+    input_len: u64,
+    size: u64,
+    dst: &Path,
+) -> io::Result<Packed> {
+    let extents = read_pack_table(input, input_len, size)?;
+    let output = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dst)?;
+    output.set_len(size)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut data_bytes = 0u64;
+    for extent in &extents {
+        let mut at = extent.offset;
+        let end = extent.offset + extent.len;
+        while at < end {
+            let want = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+            input
+                .read_exact(&mut buf[..want])
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => invalid(format!(
+                        "the data of the extent at {:#x} is cut short",
+                        extent.offset
+                    )),
+                    _ => e,
+                })?;
+            write_nonzero(&output, &buf[..want], at)?;
+            at += want as u64;
+        }
+        data_bytes += extent.len;
+    }
+    if input.read(&mut [0u8; 1])? != 0 {
+        return Err(invalid("bytes follow the last extent's data".to_string()));
+    }
+    Ok(Packed {
+        extents: extents.len() as u64,
+        data_bytes,
+    })
+}
+
+/// Reads and checks a pack's header and extent table (see [`unpack`]).
+fn read_pack_table(
+    input: &mut impl io::Read,
+    input_len: u64,
+    size: u64,
+) -> io::Result<Vec<Extent>> {
+    let cut = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => invalid("the header or extent table is cut short".into()),
+        _ => e,
+    };
+    let mut header = [0u8; PACK_HEADER];
+    input.read_exact(&mut header).map_err(cut)?;
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or_default());
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    if header[..8] != PACK_MAGIC {
+        return Err(invalid("not a packed RAM file (wrong magic)".into()));
+    }
+    let (version, page, packed_size, count) = (u32_at(8), u32_at(12), u64_at(16), u64_at(24));
+    if version != PACK_VERSION {
+        return Err(invalid(format!(
+            "format version {version}; this build reads version {PACK_VERSION}"
+        )));
+    }
+    if page as usize != PAGE {
+        return Err(invalid(format!("page size {page}; accepted: {PAGE}")));
+    }
+    if packed_size != size {
+        return Err(invalid(format!(
+            "it holds {packed_size} bytes of RAM; expected {size}"
+        )));
+    }
+    // Every extent holds at least a page, and the table is in the file.
+    let table_bytes = count.checked_mul(PACK_EXTENT as u64);
+    if count > size / PAGE as u64
+        || table_bytes.is_none_or(|t| t > input_len.saturating_sub(PACK_HEADER as u64))
+    {
+        return Err(invalid(format!(
+            "{count} extents cannot fit in {size} bytes of RAM and a {input_len}-byte file"
+        )));
+    }
+    let mut extents = Vec::with_capacity(count as usize);
+    let mut entry = [0u8; PACK_EXTENT];
+    let mut end_of_last = 0u64;
+    let mut data = 0u64;
+    for index in 0..count {
+        input.read_exact(&mut entry).map_err(cut)?;
+        let offset = u64::from_le_bytes(entry[..8].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(entry[8..].try_into().unwrap_or_default());
+        let bad = |what: &str| {
+            invalid(format!(
+                "extent {index} (offset {offset:#x}, {len} bytes) {what}"
+            ))
+        };
+        if len == 0 || offset % PAGE as u64 != 0 || len % PAGE as u64 != 0 {
+            return Err(bad("is empty or not page-aligned"));
+        }
+        if index > 0 && offset <= end_of_last {
+            return Err(bad(&format!(
+                "does not start after the previous one (which ends at {end_of_last:#x})"
+            )));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= size)
+            .ok_or_else(|| bad(&format!("ends past the RAM's {size} bytes")))?;
+        end_of_last = end;
+        data += len;
+        extents.push(Extent { offset, len });
+    }
+    let expected = PACK_HEADER as u64 + count * PACK_EXTENT as u64 + data;
+    if expected != input_len {
+        return Err(invalid(format!(
+            "the file is {input_len} bytes; its header and extents call for {expected}"
+        )));
+    }
+    Ok(extents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,5 +693,171 @@ mod tests {
         assert_eq!(std::fs::metadata(&dst).unwrap().len(), 1 << 20);
         assert_eq!(disk_usage(&dst), 0);
         assert_eq!(disk_usage(&dir.path().join("absent")), 0);
+    }
+
+    /// A RAM file of `size` bytes with `runs` of (offset, bytes) written.
+    fn ram_file(path: &Path, size: u64, runs: &[(u64, Vec<u8>)]) {
+        let file = File::create(path).unwrap();
+        file.set_len(size).unwrap();
+        for (offset, bytes) in runs {
+            file.write_all_at(bytes, *offset).unwrap();
+        }
+    }
+
+    fn pack_to_vec(src: &Path) -> (Vec<u8>, Packed) {
+        let mut out = Vec::new();
+        let packed = pack(src, &mut out).unwrap();
+        (out, packed)
+    }
+
+    fn unpack_vec(pack: &[u8], size: u64, dst: &Path) -> io::Result<Packed> {
+        unpack(&mut &pack[..], pack.len() as u64, size, dst)
+    }
+
+    #[test]
+    fn packs_only_data_and_unpacks_it_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("memory.ram");
+        let size = 32u64 << 20;
+        // Two pages, an allocated page of zeros, a run across a chunk
+        // boundary that touches the next page run, and the last page.
+        ram_file(
+            &src,
+            size,
+            &[
+                (0, vec![7u8; 2 * PAGE]),
+                (5 * PAGE as u64, vec![0u8; PAGE]),
+                ((CHUNK - PAGE) as u64, vec![1u8; 2 * PAGE]),
+                ((CHUNK + PAGE) as u64, vec![2u8; PAGE]),
+                (size - 1, vec![3u8]),
+            ],
+        );
+        let (packed_bytes, packed) = pack_to_vec(&src);
+        assert_eq!(
+            packed,
+            Packed {
+                extents: 3,
+                data_bytes: 6 * PAGE as u64
+            }
+        );
+        assert_eq!(
+            packed_bytes.len(),
+            PACK_HEADER + 3 * PACK_EXTENT + 6 * PAGE,
+            "holes and zero pages take no room"
+        );
+        let dst = dir.path().join("rebuilt.ram");
+        assert_eq!(unpack_vec(&packed_bytes, size, &dst).unwrap(), packed);
+        assert_eq!(std::fs::metadata(&dst).unwrap().len(), size);
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+        assert!(
+            disk_usage(&dst) <= 64 * PAGE as u64,
+            "rebuilt file is not sparse: {} bytes used",
+            disk_usage(&dst)
+        );
+
+        // An empty RAM packs to a bare header.
+        let empty = dir.path().join("empty.ram");
+        ram_file(&empty, 1 << 20, &[]);
+        let (bytes, packed) = pack_to_vec(&empty);
+        assert_eq!((bytes.len(), packed.extents), (PACK_HEADER, 0));
+        unpack_vec(&bytes, 1 << 20, &dst).unwrap();
+        assert_eq!(std::fs::metadata(&dst).unwrap().len(), 1 << 20);
+        assert_eq!(disk_usage(&dst), 0);
+
+        // A size that is not whole pages is not RAM.
+        ram_file(&empty, 1000, &[]);
+        let error = pack(&empty, &mut Vec::new()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// A pack of `size` bytes of RAM with these extents, data filled with 1s.
+    fn crafted(size: u64, extents: &[(u64, u64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&PACK_MAGIC);
+        out.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        out.extend_from_slice(&(PAGE as u32).to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+        for (offset, len) in extents {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        let data: u64 = extents.iter().map(|(_, len)| len).sum();
+        out.resize(out.len() + data as usize, 1);
+        out
+    }
+
+    #[test]
+    fn refuses_malformed_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("memory.ram");
+        let size = 1u64 << 20;
+        let page = PAGE as u64;
+        let good = crafted(size, &[(0, page), (2 * page, page)]);
+        unpack_vec(&good, size, &dst).unwrap();
+        let refused = |pack: &[u8], size: u64, expected: &str| {
+            let error = unpack_vec(pack, size, &dst).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+            assert!(
+                error.to_string().contains(expected),
+                "{error:?} does not say {expected:?}"
+            );
+        };
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        refused(&bad_magic, size, "wrong magic");
+        let mut version = good.clone();
+        version[8] = 2;
+        refused(&version, size, "format version 2");
+        let mut page_size = good.clone();
+        page_size[13] = 0x20;
+        refused(&page_size, size, "page size");
+        refused(&good, size * 2, "expected");
+        refused(&good[..20], size, "cut short");
+        refused(&good[..good.len() - 1], size, "call for");
+        let mut trailing = good.clone();
+        trailing.push(0);
+        refused(&trailing, size, "call for");
+        // The length given must match too: a reader that has more.
+        let error = unpack(&mut &trailing[..], good.len() as u64, size, &dst).unwrap_err();
+        assert!(error.to_string().contains("follow"), "{error}");
+        let error =
+            unpack(&mut &good[..good.len() - 1], good.len() as u64, size, &dst).unwrap_err();
+        assert!(error.to_string().contains("cut short"), "{error}");
+        refused(
+            &crafted(size, &[(2 * page, page), (0, page)]),
+            size,
+            "does not start after",
+        );
+        refused(
+            &crafted(size, &[(0, 2 * page), (page, page)]),
+            size,
+            "does not start after",
+        );
+        refused(
+            &crafted(size, &[(0, page), (page, page)]),
+            size,
+            "does not start after",
+        );
+        refused(
+            &crafted(size, &[(size - page, 2 * page)]),
+            size,
+            "ends past",
+        );
+        refused(
+            &crafted(size, &[(u64::MAX - page + 1, page)]),
+            size,
+            "ends past",
+        );
+        refused(&crafted(size, &[(1, page)]), size, "page-aligned");
+        refused(&crafted(size, &[(0, 100)]), size, "page-aligned");
+        refused(&crafted(size, &[(0, 0)]), size, "page-aligned");
+        // A count that cannot fit is refused before anything is allocated.
+        let mut huge = crafted(size, &[]);
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused(&huge, size, "cannot fit");
+        let mut many = crafted(size, &[]);
+        many[24..32].copy_from_slice(&(size / page).to_le_bytes());
+        refused(&many, size, "cannot fit");
     }
 }

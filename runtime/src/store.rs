@@ -1092,6 +1092,64 @@ impl RawSnapshot {
     }
 }
 
+/// Snapshots that come from elsewhere (checkpoints).
+impl Store {
+    /// Records imported snapshot `snap` (normally `Creating`) with its own
+    /// layer `snap.layer`, inserted with no parent: its disk stands alone.
+    /// Nothing else may name that layer yet. `DuplicateSnapshot` if the id
+    /// is taken.
+    pub fn import_snapshot(&self, snap: &SnapshotRecord) -> Result<(), StoreError> {
+        const OP: &str = "record an imported snapshot";
+        self.write(OP, |tx| {
+            if get_snapshot(tx, &snap.id)?.is_some() {
+                return Err(StoreError::DuplicateSnapshot {
+                    id: snap.id.clone(),
+                });
+            }
+            insert_layer(tx, &snap.layer, None)?;
+            let result = tx.execute(
+                "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
+                                        image, image_path, env, accel, layer, next_layer,
+                                        created_at, parent_snapshot, state_format, golden_key,
+                                        network)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                         ?16, ?17, ?18)",
+                params![
+                    snap.id,
+                    snap.dir,
+                    snap.state.as_str(),
+                    snap.sandbox,
+                    snap.sandbox_id,
+                    snap.vcpus,
+                    snap.memory_mb,
+                    snap.image,
+                    snap.image_path.to_string_lossy(),
+                    env_to_json(&snap.env),
+                    snap.accel.as_str(),
+                    snap.layer,
+                    snap.next_layer,
+                    i64::try_from(snap.created_at).unwrap_or(i64::MAX),
+                    snap.parent_snapshot,
+                    snap.state_format.as_str(),
+                    snap.golden_key,
+                    snap.network.as_ref().map(to_json),
+                ],
+            );
+            match result {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::DuplicateSnapshot {
+                        id: snap.id.clone(),
+                    })
+                }
+                Err(source) => Err(StoreError::Query { op: OP, source }),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1722,5 +1780,42 @@ mod tests {
             matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn imported_snapshots_stand_on_their_own_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("a.db")).unwrap();
+        let (gone, _) = on_layer("gone", ID_A, &layer(1));
+        let mut snap = snapshot("imported", ID_B, &gone, "unused");
+        snap.next_layer = None;
+        snap.sandbox_id = ID_C.into();
+        store.import_snapshot(&snap).unwrap();
+        assert_eq!(store.layer_parents().unwrap(), [(layer(1), None)].into());
+        assert_eq!(store.get_snapshot("imported").unwrap(), Some(snap.clone()));
+        assert!(matches!(
+            store.import_snapshot(&snap),
+            Err(StoreError::DuplicateSnapshot { .. })
+        ));
+        store.finish_snapshot("imported").unwrap();
+        assert_eq!(
+            store.get_snapshot("imported").unwrap().unwrap().state,
+            SnapshotState::Ready
+        );
+        // Restores stand on it like on any snapshot's layer.
+        let (clone, _) = on_layer("clone", ID_A, &layer(2));
+        let on_snapshot = NewLayer {
+            id: layer(2),
+            parent: Some(layer(1)),
+        };
+        store
+            .insert_restored(&clone, &on_snapshot, "imported", 0)
+            .unwrap();
+        assert!(store.delete_snapshot("imported", ID_B).unwrap().is_empty());
+        assert_eq!(
+            sorted(store.delete("clone", ID_A).unwrap()),
+            [layer(1), layer(2)]
+        );
+        assert!(layer_set(&store).is_empty());
     }
 }

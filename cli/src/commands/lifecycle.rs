@@ -160,6 +160,12 @@ pub async fn snapshots(backend: &Backend, args: SnapshotsArgs, json: bool) -> an
             output::snapshot(&backend.get_snapshot(&id).await?, json)?
         }
         Some(SnapshotsVerb::Rm { id }) => backend.delete_snapshot(&id).await?,
+        Some(SnapshotsVerb::Export { id, dir }) => {
+            super::checkpoint::export(backend, &id, &dir, json).await?
+        }
+        Some(SnapshotsVerb::Import { dir }) => {
+            super::checkpoint::import(backend, &dir, json).await?
+        }
         Some(SnapshotsVerb::Tree) => {
             // Sandboxes first: the snapshot each came from existed before
             // it, so it is in the later list unless deleted meanwhile.

@@ -2,6 +2,7 @@
 //! [`Backend`]: the same code runs on this machine's sandboxes (embedded)
 //! and against an arrakis server (`--server`).
 
+mod checkpoint;
 mod cp;
 mod exec;
 mod fs;

@@ -18,6 +18,7 @@
 //! a new record.
 
 mod build;
+mod checkpoint;
 mod export;
 mod fork;
 mod golden;
@@ -50,6 +51,7 @@ use crate::vmm::qemu::Qemu;
 use crate::vmm::{VmHandle, Vmm};
 
 pub use build::{BuildProgress, BuildRequest, QuietBuild};
+pub use checkpoint::{CheckpointFile, ExportedCheckpoint, CHECKPOINT_VERSION};
 pub use fork::{ForkSource, MAX_FORKS};
 pub use images::{ExecDefaults, ImportedImage};
 pub use snapshot::SnapshotInfo;
