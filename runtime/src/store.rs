@@ -524,48 +524,7 @@ impl Store {
             if let Some(next) = &snap.next_layer {
                 insert_layer(tx, next, Some(&snap.layer))?;
             }
-            let result = tx.execute(
-                "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
-                                        image, image_path, env, accel, layer, next_layer,
-                                        created_at, parent_snapshot, state_format, golden_key,
-                                        network)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                         ?16, ?17, ?18)",
-                params![
-                    snap.id,
-                    snap.dir,
-                    snap.state.as_str(),
-                    snap.sandbox,
-                    snap.sandbox_id,
-                    snap.vcpus,
-                    snap.memory_mb,
-                    snap.image,
-                    snap.image_path.to_string_lossy(),
-                    env_to_json(&snap.env),
-                    snap.accel.as_str(),
-                    snap.layer,
-                    snap.next_layer,
-                    snap.created_at as i64,
-                    snap.parent_snapshot,
-                    snap.state_format.as_str(),
-                    snap.golden_key,
-                    snap.network.as_ref().map(to_json),
-                ],
-            );
-            match result {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == ErrorCode::ConstraintViolation =>
-                {
-                    Err(StoreError::DuplicateSnapshot {
-                        id: snap.id.clone(),
-                    })
-                }
-                Err(source) => Err(StoreError::Query {
-                    op: "record a new snapshot",
-                    source,
-                }),
-            }
+            insert_snapshot_row(tx, snap, "record a new snapshot")
         })
     }
 
@@ -748,6 +707,51 @@ impl Store {
 
 fn query_err(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |source| StoreError::Query { op, source }
+}
+
+/// Inserts the row of `snap`; a taken id is `DuplicateSnapshot`.
+fn insert_snapshot_row(
+    tx: &Transaction<'_>,
+    snap: &SnapshotRecord,
+    op: &'static str,
+) -> Result<(), StoreError> {
+    let result = tx.execute(
+        "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
+                                image, image_path, env, accel, layer, next_layer,
+                                created_at, parent_snapshot, state_format, golden_key,
+                                network)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                 ?16, ?17, ?18)",
+        params![
+            snap.id,
+            snap.dir,
+            snap.state.as_str(),
+            snap.sandbox,
+            snap.sandbox_id,
+            snap.vcpus,
+            snap.memory_mb,
+            snap.image,
+            snap.image_path.to_string_lossy(),
+            env_to_json(&snap.env),
+            snap.accel.as_str(),
+            snap.layer,
+            snap.next_layer,
+            i64::try_from(snap.created_at).unwrap_or(i64::MAX),
+            snap.parent_snapshot,
+            snap.state_format.as_str(),
+            snap.golden_key,
+            snap.network.as_ref().map(to_json),
+        ],
+    );
+    match result {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Err(StoreError::DuplicateSnapshot {
+                id: snap.id.clone(),
+            })
+        }
+        Err(source) => Err(StoreError::Query { op, source }),
+    }
 }
 
 fn insert_layer(tx: &Transaction<'_>, id: &str, parent: Option<&str>) -> Result<(), StoreError> {
@@ -1107,45 +1111,7 @@ impl Store {
                 });
             }
             insert_layer(tx, &snap.layer, None)?;
-            let result = tx.execute(
-                "INSERT INTO snapshots (id, dir, state, sandbox, sandbox_id, vcpus, memory_mb,
-                                        image, image_path, env, accel, layer, next_layer,
-                                        created_at, parent_snapshot, state_format, golden_key,
-                                        network)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                         ?16, ?17, ?18)",
-                params![
-                    snap.id,
-                    snap.dir,
-                    snap.state.as_str(),
-                    snap.sandbox,
-                    snap.sandbox_id,
-                    snap.vcpus,
-                    snap.memory_mb,
-                    snap.image,
-                    snap.image_path.to_string_lossy(),
-                    env_to_json(&snap.env),
-                    snap.accel.as_str(),
-                    snap.layer,
-                    snap.next_layer,
-                    i64::try_from(snap.created_at).unwrap_or(i64::MAX),
-                    snap.parent_snapshot,
-                    snap.state_format.as_str(),
-                    snap.golden_key,
-                    snap.network.as_ref().map(to_json),
-                ],
-            );
-            match result {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == ErrorCode::ConstraintViolation =>
-                {
-                    Err(StoreError::DuplicateSnapshot {
-                        id: snap.id.clone(),
-                    })
-                }
-                Err(source) => Err(StoreError::Query { op: OP, source }),
-            }
+            insert_snapshot_row(tx, snap, OP)
         })
     }
 }
