@@ -63,6 +63,10 @@ use crate::stdio::{open_outputs, open_stdin, Logger, Sink, StdioPaths};
 /// The agent's name for a container's init process.
 pub const INIT_KEEP: &str = "init";
 
+/// After CloseIO, how long the stdin FIFO may stay quiet before what the
+/// client wrote counts as all read.
+const STDIN_DRAIN: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Exit status of a process whose VM or agent session was lost.
 const LOST: u32 = 255;
 
@@ -855,8 +859,10 @@ async fn feed_stdin(mut fifo: pipe::Receiver, control: ExecControl, process: Arc
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         if *closed.borrow_and_update() {
-            // Whatever the client wrote before it closed is still sent.
-            while let Ok(n) = fifo.try_read(&mut buf) {
+            // Whatever the client wrote before it closed is still sent. The
+            // shim holds a writer itself, so reads never see EOF: the input
+            // has ended when nothing more arrives for a moment.
+            while let Ok(Ok(n)) = tokio::time::timeout(STDIN_DRAIN, fifo.read(&mut buf)).await {
                 if n == 0
                     || control
                         .write_stdin(Bytes::copy_from_slice(&buf[..n]))
