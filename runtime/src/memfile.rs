@@ -20,12 +20,8 @@ const PAGE: usize = 4096;
 /// Bytes read at a time.
 const CHUNK: usize = 1 << 20;
 
-/// Copies `src` to `dst` (created with mode 0600, or truncated), keeping
-/// holes; `dst` ends as long as `src`. With `sync`, `dst` is on stable
-/// storage when this returns. Returns the bytes written.
-pub fn sparse_copy(src: &Path, dst: &Path, sync: bool) -> io::Result<u64> {
-    let input = File::open(src)?;
-    let len = input.metadata()?.len();
+/// Creates (or truncates) `dst` with mode 0600 as a hole of `len` bytes.
+fn create_sized(dst: &Path, len: u64) -> io::Result<File> {
     let output = OpenOptions::new()
         .write(true)
         .create(true)
@@ -33,6 +29,16 @@ pub fn sparse_copy(src: &Path, dst: &Path, sync: bool) -> io::Result<u64> {
         .mode(0o600)
         .open(dst)?;
     output.set_len(len)?;
+    Ok(output)
+}
+
+/// Copies `src` to `dst` (created with mode 0600, or truncated), keeping
+/// holes; `dst` ends as long as `src`. With `sync`, `dst` is on stable
+/// storage when this returns. Returns the bytes written.
+pub fn sparse_copy(src: &Path, dst: &Path, sync: bool) -> io::Result<u64> {
+    let input = File::open(src)?;
+    let len = input.metadata()?.len();
+    let output = create_sized(dst, len)?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     let mut offset = 0u64;
@@ -440,13 +446,7 @@ pub fn unpack(
     dst: &Path,
 ) -> io::Result<Packed> {
     let extents = read_pack_table(input, input_len, size)?;
-    let output = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(dst)?;
-    output.set_len(size)?;
+    let output = create_sized(dst, size)?;
     let mut buf = vec![0u8; CHUNK];
     let mut data_bytes = 0u64;
     for extent in &extents {
