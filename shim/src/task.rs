@@ -612,18 +612,8 @@ impl TaskService {
     }
 
     fn publish_exit(&self, container: &Container, process: &Process) {
-        if let Some(exit) = process.exit() {
-            self.publish(
-                topics::TASK_EXIT_EVENT_TOPIC,
-                TaskExit {
-                    container_id: container.id.clone(),
-                    id: process.id().to_owned(),
-                    pid: container.pid(process),
-                    exit_status: exit.status,
-                    exited_at: MessageField::some(timestamp(exit.at)),
-                    ..Default::default()
-                },
-            );
+        if let Some(event) = exit_event(process, container.pid(process)) {
+            self.publish(topics::TASK_EXIT_EVENT_TOPIC, event);
         }
     }
 
@@ -783,6 +773,19 @@ async fn copy_files(manager: &Manager, spec: &Spec, sandbox: &str) -> Result<(),
     Ok(())
 }
 
+/// The `/tasks/exit` event of a process that has exited.
+fn exit_event(process: &Process, pid: u32) -> Option<TaskExit> {
+    let exit = process.exit()?;
+    Some(TaskExit {
+        container_id: process.container_id.clone(),
+        id: process.id().to_owned(),
+        pid,
+        exit_status: exit.status,
+        exited_at: MessageField::some(timestamp(exit.at)),
+        ..Default::default()
+    })
+}
+
 fn delete_response(pid: u32, exit: Option<Exit>) -> DeleteResponse {
     let exit = exit.unwrap_or(Exit {
         status: 0,
@@ -831,15 +834,7 @@ async fn copy_output(
         logger.wait().await;
     }
     if process.record_exit(status) {
-        if let Some(exit) = process.exit() {
-            let event = TaskExit {
-                container_id: process.container_id.clone(),
-                id: process.id().to_owned(),
-                pid,
-                exit_status: exit.status,
-                exited_at: MessageField::some(timestamp(exit.at)),
-                ..Default::default()
-            };
+        if let Some(event) = exit_event(&process, pid) {
             let _ = events.send((topics::TASK_EXIT_EVENT_TOPIC, Box::new(event)));
         }
     }
