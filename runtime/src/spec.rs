@@ -44,6 +44,12 @@ pub struct SandboxSpec {
     /// Forwards on top of the configured default ones.
     #[serde(default)]
     pub forwards: Vec<ForwardRequest>,
+    /// Attach the NIC to this network namespace (netns mode, see
+    /// [`crate::network::netns`]) instead of arrakis's own network; then
+    /// `egress` and `forwards` must be unset. Never read from a request
+    /// body: only programs linking the runtime (the containerd shim) set it.
+    #[serde(skip)]
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl SandboxSpec {

@@ -1205,6 +1205,7 @@ mod tests {
             mac: crate::network::Mac::for_address(address).to_string(),
             tap: None,
             egress: crate::network::EgressPolicy::DenyAll,
+            attached: None,
         }
     }
 

@@ -188,6 +188,7 @@ fn sandbox(
             mac: Mac::for_address(addr).to_string(),
             tap: Some(host::tap_name(id)),
             egress,
+            attached: None,
         },
         forwards: forwards
             .iter()

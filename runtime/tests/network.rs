@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use arrakis_protocol::ExecRequest;
-use arrakis_runtime::network::{EgressPolicy, ForwardRequest, NetModeConfig, SandboxNet};
+use arrakis_runtime::network::{EgressPolicy, ForwardRequest, NetMode, NetModeConfig, SandboxNet};
 use arrakis_runtime::testing::{run_bounded, VmTestEnv};
 use arrakis_runtime::{AgentClient, ExecOptions, ForkSource, Manager, SandboxSpec};
 
@@ -443,6 +443,166 @@ fn a_restart_reconciles_the_host_network() {
             drop(manager);
             env.manager().await;
         });
+    });
+}
+
+/// A named namespace set up the way CNI's bridge plugin leaves a pod's:
+/// `eth0` with an address and a default route, its veth peer here.
+struct PodNetns {
+    name: String,
+    host_if: String,
+}
+
+impl PodNetns {
+    /// Called from inside the test's namespace; `n` picks 10.77.n.0/24.
+    fn new(n: u8) -> PodNetns {
+        let pod = PodNetns {
+            name: format!("arrakis-pod-{}-{n}", std::process::id()),
+            host_if: format!("vpod{n}"),
+        };
+        run_cmd("ip", &["netns", "add", &pod.name]);
+        let host_addr = format!("10.77.{n}.1/24");
+        run_cmd(
+            "ip",
+            &[
+                "link",
+                "add",
+                &pod.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod.name,
+            ],
+        );
+        run_cmd("ip", &["addr", "add", &host_addr, "dev", &pod.host_if]);
+        run_cmd("ip", &["link", "set", &pod.host_if, "up"]);
+        pod.ip(&["addr", "add", &format!("10.77.{n}.2/24"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["route", "add", "default", "via", &format!("10.77.{n}.1")]);
+        pod
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip ARGS` in the pod's namespace; its output.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name, "ip"];
+        full.extend(args);
+        run_cmd("ip", &full)
+    }
+
+    fn eth0_mac(&self) -> String {
+        let out = self.ip(&["-j", "link", "show", "dev", "eth0"]);
+        let links: serde_json::Value = serde_json::from_str(&out).unwrap();
+        links[0]["address"].as_str().unwrap().to_string()
+    }
+
+    /// Interfaces and eth0's qdiscs, to see that a sandbox left nothing.
+    fn leftovers(&self) -> String {
+        let mut full = vec![
+            "netns", "exec", &self.name, "tc", "qdisc", "show", "dev", "eth0",
+        ];
+        let qdiscs = run_cmd("ip", &full);
+        full.truncate(3);
+        full.extend(["ip", "-br", "link"]);
+        let links = run_cmd("ip", &full);
+        let names: Vec<&str> = links
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        format!("{names:?} {qdiscs}")
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Netns mode, as the containerd shim uses it with CNI: the VM takes over
+/// the pod namespace's `eth0` (its address and MAC), answers on it from
+/// the host side and reaches the host side; a second VM cannot take the
+/// same interface; a warm start from the golden snapshot does the same in
+/// another namespace; arrakis's own forwards are refused; a restore
+/// without a namespace falls back to bridge mode; and destroy
+/// leaves the namespaces as they were.
+#[test]
+fn netns_mode_takes_over_a_pod_namespace() {
+    if !is_root() {
+        return;
+    }
+    in_clean_netns(|| {
+        let mut env = bridge_env();
+        env.config.network.mode = NetModeConfig::User;
+        env.config.warm_start = true;
+        let pods = [PodNetns::new(0), PodNetns::new(1)];
+        let before: Vec<String> = pods.iter().map(PodNetns::leftovers).collect();
+        let host_service = TcpListener::bind("10.77.0.1:0").unwrap();
+        let host_port = host_service.local_addr().unwrap().port();
+        run_bounded(TEST_TIMEOUT, "arrakis_runtime=info", async {
+            let manager = env.manager().await;
+            for (n, pod) in pods.iter().enumerate() {
+                let name = format!("pod{n}");
+                let mut spec = SandboxSpec::named(&name);
+                spec.netns = Some(pod.path());
+                let info = manager.create(spec).await.unwrap();
+                let net = info.network.as_ref().expect("a NIC");
+                assert_eq!(net.mode, NetMode::Netns);
+                let guest = Ipv4Addr::new(10, 77, n as u8, 2);
+                assert_eq!(net.address.addr, guest);
+                assert_eq!(net.mac, pod.eth0_mac());
+                let agent = manager.agent(&name).await.unwrap();
+                let (mac, _) = sh(&agent, "cat /sys/class/net/eth0/address").await;
+                assert_eq!(mac, pod.eth0_mac(), "the guest NIC has eth0's MAC");
+                start_web(&agent).await;
+                assert_eq!(get(guest, GUEST_WEB).as_deref(), Some(name.as_str()));
+                if n == 0 {
+                    assert!(guest_connects(&agent, Ipv4Addr::new(10, 77, 0, 1), host_port).await);
+                }
+            }
+            // The first boot kept a golden snapshot; the second was warm.
+            assert_eq!(manager.golden_snapshots().await.unwrap().len(), 1);
+
+            let mut taken = SandboxSpec::named("second");
+            taken.netns = Some(pods[0].path());
+            let error = manager.create(taken).await.unwrap_err();
+            assert!(error.chain().contains("is taken"), "{}", error.chain());
+            assert!(manager.get("second").await.is_err());
+
+            let forward = ForwardRequest {
+                host_port: None,
+                guest_port: 80,
+                description: String::new(),
+            };
+            let error = manager
+                .add_forwards("pod0", vec![forward])
+                .await
+                .unwrap_err();
+            assert!(error.chain().contains("CNI"), "{}", error.chain());
+
+            manager.snapshot("pod0", Some("s".into())).await.unwrap();
+            let restored = manager.restore("s", "plain").await.unwrap();
+            // A tap, which the saved NIC needs: bridge mode.
+            assert_eq!(restored.network.unwrap().mode, NetMode::Bridge);
+            manager.delete_snapshot("s").await.unwrap();
+            destroy_all(&manager).await;
+            manager.clear_golden_snapshots().await.unwrap();
+        });
+        for (pod, before) in pods.iter().zip(before) {
+            assert_eq!(pod.leftovers(), before, "nothing left in {}", pod.name);
+        }
+        drop(host_service);
     });
 }
 

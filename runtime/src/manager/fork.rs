@@ -141,7 +141,7 @@ impl Manager {
                     return (index, None);
                 };
                 let result = manager
-                    .restore_inner(&snapshot_id, &name)
+                    .restore_inner(&snapshot_id, &name, None)
                     .instrument(span(&name))
                     .await;
                 if result.is_err() {

@@ -140,7 +140,11 @@ impl Manager {
     /// The golden key of a new sandbox, or `None` when warm starts are off
     /// or a file it depends on cannot be read (the create then boots cold,
     /// and reports a missing artifact itself).
-    pub(super) async fn golden_key(&self, record: &SandboxRecord) -> Option<String> {
+    pub(super) async fn golden_key(
+        &self,
+        record: &SandboxRecord,
+        mode: crate::network::NetMode,
+    ) -> Option<String> {
         let config = &self.inner.config;
         if !config.warm_start {
             return None;
@@ -189,7 +193,7 @@ impl Manager {
         }
         field(&record.vcpus.to_string());
         field(&record.memory_mb.to_string());
-        field(self.inner.net_mode.as_str());
+        field(mode.as_str());
         Some(hex(&hasher.finalize()))
     }
 

@@ -27,6 +27,26 @@ use crate::vmm::{GuestMemory, VmHandle, VmSpec, VmStatus};
 /// Console lines quoted in a boot error.
 const CONSOLE_TAIL_LINES: usize = 40;
 
+/// The plan of a sandbox whose NIC joins namespace `path`.
+fn attached_plan(spec: &SandboxSpec, path: &Path) -> Result<NetPlan, RuntimeError> {
+    let invalid = |field, message: String| RuntimeError::InvalidArgument { field, message };
+    let netns = crate::network::netns::check_path(path).map_err(|m| invalid("netns", m))?;
+    if spec.egress.is_some() {
+        let message = "not with a network namespace: its owner decides".to_string();
+        return Err(invalid("egress", message));
+    }
+    if !spec.forwards.is_empty() {
+        let message = "not with a network namespace: publish ports through its owner".to_string();
+        return Err(invalid("forwards", message));
+    }
+    Ok(NetPlan {
+        mode: crate::network::NetMode::Netns,
+        egress: crate::network::EgressPolicy::AllowAll,
+        forwards: Vec::new(),
+        netns: Some(netns),
+    })
+}
+
 /// The hostname a golden snapshot's guest boots with.
 const GOLDEN_HOSTNAME: &str = "sandbox";
 
@@ -42,7 +62,7 @@ impl Manager {
         let (record, plan) = self.validate_new(&spec, base)?;
         let golden_key = match spec.cold_boot {
             true => None,
-            false => self.golden_key(&record).await,
+            false => self.golden_key(&record, plan.mode).await,
         };
         if let Some(key) = &golden_key {
             if let Some(info) = self.warm_create(&record, key, &plan).await? {
@@ -134,7 +154,10 @@ impl Manager {
         } else {
             self.resolve_image(&resolved.image, &resolved.image_path)?
         };
-        let plan = self.plan_for(resolved.egress, resolved.forwards)?;
+        let plan = match &spec.netns {
+            None => self.plan_for(resolved.egress, resolved.forwards)?,
+            Some(path) => attached_plan(spec, path)?,
+        };
         let record = SandboxRecord {
             name: resolved.name,
             id: new_id()?,

@@ -260,7 +260,22 @@ impl Manager {
         snapshot_id: &str,
         new_name: &str,
     ) -> Result<SandboxInfo, RuntimeError> {
-        self.restore_inner(snapshot_id, new_name)
+        self.restore_inner(snapshot_id, new_name, None)
+            .instrument(span(new_name))
+            .await
+    }
+
+    /// [`Manager::restore`], with the clone's NIC attached to network
+    /// namespace `netns` (netns mode, see [`crate::network::netns`]), as
+    /// the containerd shim restores a checkpoint into its container's
+    /// namespace.
+    pub async fn restore_attached(
+        &self,
+        snapshot_id: &str,
+        new_name: &str,
+        netns: &std::path::Path,
+    ) -> Result<SandboxInfo, RuntimeError> {
+        self.restore_inner(snapshot_id, new_name, Some(netns))
             .instrument(span(new_name))
             .await
     }

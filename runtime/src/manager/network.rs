@@ -10,13 +10,15 @@
 //! state directory, so the last writer always applies the latest state.
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::PathBuf;
 
 use super::Manager;
 use crate::error::RuntimeError;
 use crate::lock::SandboxLock;
 use crate::network::{
-    host, nft, EgressPolicy, ForwardRequest, GuestForward, Mac, NetError, NetMode, NetModeConfig,
-    PortForward, PortRange, SandboxNet, SnapshotNet, FIRST_SANDBOX_HOST, MAX_FORWARDS,
+    host, netns, nft, AttachedNet, EgressPolicy, ForwardRequest, GuestForward, Mac, NetError,
+    NetMode, NetModeConfig, PortForward, PortRange, SandboxNet, SnapshotNet, FIRST_SANDBOX_HOST,
+    MAX_FORWARDS,
 };
 use crate::sandbox::Operation;
 use crate::store::{SandboxRecord, StoreError};
@@ -31,13 +33,27 @@ pub(super) struct NetPlan {
     pub mode: NetMode,
     pub egress: EgressPolicy,
     pub forwards: Vec<ForwardRequest>,
+    /// The namespace a netns-mode NIC joins (`Some` exactly in that mode).
+    pub netns: Option<PathBuf>,
 }
 
 impl NetPlan {
     /// The plan for a sandbox restored from a snapshot with `net`: its mode
-    /// and policy, and its forwards' guest ports on new host ports.
+    /// and policy, and its forwards' guest ports on new host ports. A
+    /// netns-mode snapshot's namespace belonged to its sandbox: restored
+    /// without one, the clone gets bridge mode (a tap as well, which its
+    /// saved NIC needs) and the default policy.
     pub fn from_snapshot(net: &SnapshotNet) -> NetPlan {
+        if net.mode == NetMode::Netns {
+            return NetPlan {
+                mode: NetMode::Bridge,
+                egress: EgressPolicy::AllowAll,
+                forwards: Vec::new(),
+                netns: None,
+            };
+        }
         NetPlan {
+            netns: None,
             mode: net.mode,
             egress: net.egress.clone(),
             forwards: net
@@ -93,6 +109,7 @@ impl Manager {
             mode: self.inner.net_mode,
             egress,
             forwards,
+            netns: None,
         };
         check_policy(plan.mode, &plan.egress)?;
         Ok(plan)
@@ -108,11 +125,14 @@ impl Manager {
         plan: NetPlan,
     ) -> Result<(), RuntimeError> {
         check_policy(plan.mode, &plan.egress)?;
+        if let Some(path) = &plan.netns {
+            return self.attach_netns(record, path).await;
+        }
         let config = &self.inner.config.network;
         let id = record.id.clone();
         let gateway = config.gateway();
         let nameserver = match (plan.mode, &plan.egress) {
-            (NetMode::Bridge, _) => gateway,
+            (NetMode::Bridge | NetMode::Netns, _) => gateway,
             // slirp's `restrict=on` drops DNS too: a lookup would hang for
             // the resolver's timeout (python's http.server does one before
             // it listens). The guest's own loopback refuses at once.
@@ -138,6 +158,7 @@ impl Manager {
                     mac: Mac::for_address(address).to_string(),
                     tap: (plan.mode == NetMode::Bridge).then(|| host::tap_name(&id)),
                     egress: plan.egress.clone(),
+                    attached: None,
                 },
             )
             .map_err(net_store_error)?;
@@ -156,12 +177,64 @@ impl Manager {
         Ok(())
     }
 
+    /// Gives `record` a netns-mode NIC in `netns`: the address, gateway
+    /// and MAC of the namespace's interface (nothing is leased; the
+    /// namespace's owner made them unique).
+    async fn attach_netns(
+        &self,
+        record: &mut SandboxRecord,
+        path: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        let tap = host::tap_name(&record.id);
+        let interface = netns::inspect(path, &tap)
+            .await
+            .map_err(|e| RuntimeError::Network {
+                name: record.name.clone(),
+                source: e.into(),
+            })?;
+        let net = SandboxNet {
+            mode: NetMode::Netns,
+            address: interface.address,
+            gateway: interface.gateway,
+            // The container's resolv.conf comes from its owner (a copied
+            // bind mount); until then, the gateway.
+            nameserver: interface.gateway,
+            mac: interface.mac.clone(),
+            tap: None,
+            egress: EgressPolicy::AllowAll,
+            attached: Some(AttachedNet {
+                netns: path.to_path_buf(),
+                interface: interface.name.clone(),
+                tap,
+            }),
+        };
+        self.inner
+            .store
+            .update_network(&record.name, &record.id, &net)?;
+        tracing::info!(netns = %path.display(), interface = %interface.name, address = %interface.address, "NIC joins a network namespace");
+        record.network = Some(net);
+        Ok(())
+    }
+
     /// The host side a boot of `record` needs: in bridge mode the bridge,
-    /// its tap (made again: a host reboot loses it) and the rules.
+    /// its tap (made again: a host reboot loses it) and the rules; in
+    /// netns mode the tap and redirects in the namespace.
     pub(super) async fn prepare_host_network(
         &self,
         record: &SandboxRecord,
     ) -> Result<(), RuntimeError> {
+        if let Some(attached) = attached_of(record) {
+            let net_err = |source: host::HostNetError| RuntimeError::Network {
+                name: record.name.clone(),
+                source: source.into(),
+            };
+            let interface = netns::inspect(&attached.netns, &attached.tap)
+                .await
+                .map_err(net_err)?;
+            return netns::attach(&attached.netns, &attached.tap, &interface)
+                .await
+                .map_err(net_err);
+        }
         let Some(tap) = tap_of(record) else {
             return Ok(());
         };
@@ -187,6 +260,12 @@ impl Manager {
     /// Removes the host side of a sandbox whose record is gone: its tap,
     /// and its rules (and the bridge, if it was the last).
     pub(super) async fn release_host_network(&self, record: &SandboxRecord) {
+        if let Some(attached) = attached_of(record) {
+            if let Err(error) = netns::detach(attached).await {
+                tracing::warn!(%error, "cannot remove the sandbox's tap from its network namespace");
+            }
+            return;
+        }
         let Some(tap) = tap_of(record) else {
             return;
         };
@@ -214,8 +293,15 @@ impl Manager {
         let Some(net) = record.network.as_ref() else {
             return Ok(None);
         };
-        let backend = match (&net.tap, net.mode) {
-            (Some(tap), NetMode::Bridge) => NetBackend::Tap { tap: tap.clone() },
+        let backend = match (&net.tap, net.mode, &net.attached) {
+            (_, NetMode::Netns, Some(attached)) => NetBackend::Tap {
+                tap: attached.tap.clone(),
+                netns: Some(attached.netns.clone()),
+            },
+            (Some(tap), NetMode::Bridge, _) => NetBackend::Tap {
+                tap: tap.clone(),
+                netns: None,
+            },
             _ => NetBackend::User {
                 subnet: self.inner.config.network.subnet,
                 dns: self.inner.config.network.user_dns(),
@@ -299,7 +385,7 @@ impl Manager {
             }
         })?;
         let (_lock, record) = self.lock(name).await?;
-        let net = require_network(&record)?.clone();
+        let net = require_own_network(&record)?.clone();
         let config = &self.inner.config.network;
         let added = self
             .inner
@@ -331,13 +417,13 @@ impl Manager {
         host_ports: Option<Vec<u16>>,
     ) -> Result<Vec<PortForward>, RuntimeError> {
         let (_lock, record) = self.lock(name).await?;
-        let net = require_network(&record)?.clone();
+        let net = require_own_network(&record)?.clone();
         let removed = self
             .inner
             .store
             .remove_forwards(&record.id, host_ports.as_deref())?;
         match net.mode {
-            NetMode::Bridge => self.sync_rules(name).await?,
+            NetMode::Bridge | NetMode::Netns => self.sync_rules(name).await?,
             NetMode::User => {
                 if let Some(vm) = self.running_vm(&record) {
                     for forward in &removed {
@@ -366,7 +452,7 @@ impl Manager {
                 message,
             })?;
         let (_lock, record) = self.lock(name).await?;
-        let mut net = require_network(&record)?.clone();
+        let mut net = require_own_network(&record)?.clone();
         if net.mode == NetMode::User && net.egress != egress {
             return Err(RuntimeError::NetworkUnsupported(format!(
                 "sandbox {name:?} uses user-mode networking, whose egress policy is fixed when \
@@ -390,7 +476,7 @@ impl Manager {
         added: &[PortForward],
     ) -> Result<(), RuntimeError> {
         match net.mode {
-            NetMode::Bridge => self.sync_rules(&record.name).await,
+            NetMode::Bridge | NetMode::Netns => self.sync_rules(&record.name).await,
             NetMode::User => {
                 let Some(vm) = self.running_vm(record) else {
                     // Opened with the VM at its next boot.
@@ -539,6 +625,25 @@ fn host_forward(net: &SandboxNet, forward: &PortForward) -> HostForward {
         host_port: forward.host_port,
         guest: SocketAddrV4::new(net.address.addr, forward.guest_port),
     }
+}
+
+/// Where a netns-mode sandbox's NIC is attached.
+fn attached_of(record: &SandboxRecord) -> Option<&AttachedNet> {
+    record.network.as_ref()?.attached.as_ref()
+}
+
+/// The network of `record`, which arrakis must manage itself: a netns-mode
+/// sandbox's forwards and policy are its namespace owner's.
+fn require_own_network(record: &SandboxRecord) -> Result<&SandboxNet, RuntimeError> {
+    let net = require_network(record)?;
+    if net.mode == NetMode::Netns {
+        return Err(RuntimeError::NetworkUnsupported(format!(
+            "sandbox {:?} is attached to a network namespace that its owner (CNI) manages: \
+             publish ports and set policy there",
+            record.name
+        )));
+    }
+    Ok(net)
 }
 
 /// The tap of a bridge-mode sandbox.

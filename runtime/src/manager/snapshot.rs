@@ -551,6 +551,7 @@ impl Manager {
         &self,
         snapshot_id: &str,
         new_name: &str,
+        netns: Option<&Path>,
     ) -> Result<SandboxInfo, RuntimeError> {
         spec::validate_name(new_name).map_err(|message| RuntimeError::InvalidArgument {
             field: "name",
@@ -574,7 +575,27 @@ impl Manager {
             from_snapshot: Some(snap.id.clone()),
             network: None,
         };
-        let plan = snap.network.as_ref().map(NetPlan::from_snapshot);
+        let plan = match (snap.network.as_ref(), netns) {
+            (Some(net), None) => Some(NetPlan::from_snapshot(net)),
+            (Some(_), Some(path)) => Some(NetPlan {
+                mode: NetMode::Netns,
+                egress: crate::network::EgressPolicy::AllowAll,
+                forwards: Vec::new(),
+                netns: Some(crate::network::netns::check_path(path).map_err(|message| {
+                    RuntimeError::InvalidArgument {
+                        field: "netns",
+                        message,
+                    }
+                })?),
+            }),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(RuntimeError::SnapshotIncompatible {
+                    id: snap.id.clone(),
+                    reason: "it has no NIC to attach to a network namespace".to_string(),
+                })
+            }
+        };
         self.install_restored(record, &snap, snap_lock, plan).await
     }
 
@@ -955,11 +976,14 @@ fn cannot_freeze(error: &crate::agent::AgentError) -> bool {
 /// True when `path` starts with the qcow2 magic (a complete image header
 /// is written at once by `qemu-img`/QEMU).
 /// A restore recreates exactly the devices that were saved: the sandbox
-/// must have a NIC of the snapshot's mode, or none if the snapshot had none.
+/// must have a NIC of the snapshot's backend, or none if the snapshot had
+/// none. Bridge and netns mode are both a tap (the guest is given its new
+/// address, route and MAC after every restore); slirp offers the device
+/// other features than a tap, so QEMU refuses a state saved with the other.
 fn check_same_nic(record: &SandboxRecord, snap: &SnapshotRecord) -> Result<(), RuntimeError> {
     let ours = record.network.as_ref().map(|n| n.mode);
     let theirs = snap.network.as_ref().map(|n| n.mode);
-    if ours == theirs {
+    if ours.map(NetMode::backend) == theirs.map(NetMode::backend) {
         return Ok(());
     }
     let describe = |mode: Option<NetMode>| match mode {

@@ -63,6 +63,10 @@ pub enum HostNetError {
     NotABridge { name: String, kind: String },
     #[error("{name} exists but is a {kind:?} device, not a tap")]
     NotATap { name: String, kind: String },
+    #[error("network namespace {} cannot hold a VM: {why}", .netns.display())]
+    NoInterface { netns: PathBuf, why: String },
+    #[error("network namespace {} is taken: sandbox tap {tap} is already attached there", .netns.display())]
+    NetnsTaken { netns: PathBuf, tap: String },
     #[error("cannot set {path} to {value}")]
     Sysctl {
         path: PathBuf,
@@ -308,7 +312,7 @@ fn nameserver_in(text: &str) -> Option<Ipv4Addr> {
     })
 }
 
-fn check_ifname(name: &str) -> Result<(), HostNetError> {
+pub(super) fn check_ifname(name: &str) -> Result<(), HostNetError> {
     if is_safe_ifname(name) {
         Ok(())
     } else {
@@ -349,7 +353,7 @@ async fn delete_link(name: &str) -> Result<(), HostNetError> {
     }
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(
+pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(
     args: &[&str],
     stdout: &str,
 ) -> Result<T, HostNetError> {
@@ -366,19 +370,50 @@ fn owned(args: &[&str]) -> Vec<String> {
 
 /// Runs `ip ARGS`; its stdout on success.
 async fn run_ip(args: &[&str]) -> Result<String, HostNetError> {
-    let program = "ip";
-    let child = Command::new(program)
+    run_tool("ip", args, None).await
+}
+
+/// Runs `program ARGS` (an iproute2 tool), in network namespace `netns`
+/// (a path such as `/run/netns/NAME`) when given; its stdout on success.
+pub(super) async fn run_tool(
+    program: &'static str,
+    args: &[&str],
+    netns: Option<&Path>,
+) -> Result<String, HostNetError> {
+    let spawn_error = |source| HostNetError::Spawn {
+        program,
+        args: owned(args),
+        source,
+    };
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| HostNetError::Spawn {
-            program,
-            args: owned(args),
-            source,
-        })?;
+        .kill_on_drop(true);
+    // Opened here, entered in the child: the caller's threads keep their
+    // namespace.
+    let namespace = netns
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(spawn_error)?;
+    if let Some(file) = &namespace {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+        // SAFETY: between fork and exec the child only calls setns(2),
+        // which is async-signal-safe, on a descriptor the parent keeps open
+        // until the spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().map_err(spawn_error)?;
+    drop(namespace);
     let output = tokio::time::timeout(IP_TIMEOUT, child.wait_with_output())
         .await
         .map_err(|_| HostNetError::TimedOut {
@@ -386,11 +421,7 @@ async fn run_ip(args: &[&str]) -> Result<String, HostNetError> {
             args: owned(args),
             timeout: IP_TIMEOUT,
         })?
-        .map_err(|source| HostNetError::Spawn {
-            program,
-            args: owned(args),
-            source,
-        })?;
+        .map_err(spawn_error)?;
     if !output.status.success() {
         return Err(HostNetError::Failed {
             program,

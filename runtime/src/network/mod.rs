@@ -10,6 +10,11 @@
 //!   the same operation as any change.
 //! - **user** (no root): QEMU's user networking (slirp), with its host
 //!   forwards for the same port list.
+//! - **netns**: the sandbox joins a network namespace someone else set up
+//!   (CNI, for the containerd shim): its tap lives in that namespace and
+//!   traffic crosses to the namespace's interface by tc redirects, and the
+//!   guest takes that interface's address and MAC (see [`netns`]). The
+//!   namespace's owner does addressing, egress and port publishing.
 //!
 //! The address plan of the subnet (default `10.20.0.0/16`): the first host
 //! address is the gateway (the bridge, or slirp's host), the second is
@@ -18,6 +23,7 @@
 //! addresses give distinct MACs.
 
 pub mod host;
+pub mod netns;
 pub mod nft;
 
 /// Errors of the host side of networking.
@@ -68,13 +74,24 @@ impl FromStr for NetModeConfig {
 pub enum NetMode {
     User,
     Bridge,
+    Netns,
 }
 
 impl NetMode {
+    /// What QEMU backs the NIC with: modes with the same backend can
+    /// restore each other's snapshots.
+    pub fn backend(self) -> &'static str {
+        match self {
+            NetMode::User => "user",
+            NetMode::Bridge | NetMode::Netns => "tap",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             NetMode::User => "user",
             NetMode::Bridge => "bridge",
+            NetMode::Netns => "netns",
         }
     }
 }
@@ -317,6 +334,18 @@ pub struct SandboxNet {
     /// The host tap device (bridge mode).
     pub tap: Option<String>,
     pub egress: EgressPolicy,
+    /// Where a netns-mode sandbox's NIC is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<AttachedNet>,
+}
+
+/// A netns-mode NIC: tap `tap` in namespace `netns`, joined by tc
+/// redirects to the namespace's `interface`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedNet {
+    pub netns: PathBuf,
+    pub interface: String,
+    pub tap: String,
 }
 
 /// One port forward: `host_port` on the host reaches `guest_port` on the

@@ -562,6 +562,7 @@ mod tests {
                 mac: Mac::for_address(addr).to_string(),
                 tap: Some(format!("ar{}", &id[..13])),
                 egress,
+                attached: None,
             },
             forwards: ports
                 .iter()

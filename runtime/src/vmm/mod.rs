@@ -104,8 +104,12 @@ pub struct VmNetwork {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackend {
-    /// A tap device arrakis created on its bridge.
-    Tap { tap: String },
+    /// A tap device arrakis created: on its bridge, or (`netns`) in a
+    /// network namespace QEMU is then launched in, to open it there.
+    Tap {
+        tap: String,
+        netns: Option<std::path::PathBuf>,
+    },
     /// QEMU's user networking (slirp).
     User {
         /// The guest's view of the network: slirp's `net`, `host`

@@ -160,7 +160,7 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
 /// The `-netdev` of the NIC, id `net0`.
 fn netdev(net: &VmNetwork) -> String {
     match &net.backend {
-        NetBackend::Tap { tap } => {
+        NetBackend::Tap { tap, .. } => {
             format!("tap,id=net0,ifname={tap},script=no,downscript=no")
         }
         NetBackend::User {
@@ -331,11 +331,39 @@ impl Vmm for Qemu {
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
+        // A netns-mode tap exists only inside its namespace: QEMU opens it
+        // from there (its sockets are paths, which a network namespace does
+        // not change).
+        let netns = match spec.network.as_ref().map(|n| &n.backend) {
+            Some(NetBackend::Tap {
+                netns: Some(path), ..
+            }) => Some(std::fs::File::open(path).map_err(|source| VmmError::Io {
+                op: "open the network namespace",
+                path: path.clone(),
+                source,
+            })?),
+            _ => None,
+        };
+        if let Some(file) = &netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+            // SAFETY: between fork and exec the child only calls setns(2),
+            // which is async-signal-safe, on a descriptor this function
+            // keeps open until the spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         tracing::debug!(binary = %self.binary.display(), args = ?command.as_std().get_args().collect::<Vec<_>>(), "launching QEMU");
         let mut child = command.spawn().map_err(|source| VmmError::Spawn {
             binary: self.binary.clone(),
             source,
         })?;
+        drop(netns);
         // With -daemonize the first process exits once the VM is set up
         // (sockets listening, pid file written), or with an error.
         let status = tokio::time::timeout(LAUNCH_TIMEOUT, child.wait())
@@ -586,6 +614,7 @@ mod tests {
     fn a_tap_nic_comes_last_with_its_mac() {
         let args = args_of(&with_nic(NetBackend::Tap {
             tap: "ar0123456789abc".into(),
+            netns: None,
         }));
         assert_eq!(
             values_of(&args, "-netdev"),

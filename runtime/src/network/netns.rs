@@ -1,0 +1,310 @@
+//! Netns mode: a sandbox's NIC joins a network namespace that someone else
+//! set up, the way CNI sets one up for a container (a veth whose peer is on
+//! a bridge, an address, a default route, port mappings on the host side).
+//!
+//! The VM's tap is made inside that namespace, and two tc filters join it
+//! to the namespace's interface: everything arriving on the interface is
+//! redirected out of the tap (to the guest), and everything the guest sends
+//! out of the interface. The namespace's own stack never sees a packet. The
+//! guest takes the interface's address, route and MAC, so to the rest of
+//! the network the VM *is* that interface; nothing on the host side changes.
+//! This is the tc-redirect model Kata Containers uses for the same job.
+//!
+//! QEMU must open the tap from inside the namespace: it is launched there
+//! (see [`crate::vmm::NetBackend::Tap`]).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::host::{check_ifname, parse_json, run_tool, HostNetError, TAP_PREFIX};
+use super::Ipv4Net;
+
+/// What the guest takes over from the namespace's interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetnsInterface {
+    pub name: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub address: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpLink {
+    ifname: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    mtu: Option<u32>,
+    #[serde(default)]
+    link_type: Option<String>,
+    #[serde(default)]
+    linkinfo: Option<IpLinkInfo>,
+    #[serde(default)]
+    addr_info: Vec<IpAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpLinkInfo {
+    #[serde(default)]
+    info_kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpAddr {
+    family: String,
+    local: String,
+    prefixlen: u8,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpRoute {
+    #[serde(default)]
+    gateway: Option<String>,
+    #[serde(default)]
+    dev: Option<String>,
+}
+
+impl IpLink {
+    fn is_tap(&self) -> bool {
+        self.linkinfo
+            .as_ref()
+            .and_then(|info| info.info_kind.as_deref())
+            == Some("tun")
+    }
+}
+
+/// The interface of namespace `netns` a VM can take over: the one Ethernet
+/// interface (not loopback, not a tap) with an IPv4 address, and the
+/// gateway of the namespace's default route through it. `NetnsTaken` when
+/// the tap of a sandbox other than `own_tap`'s is there: two VMs cannot
+/// share one interface.
+pub async fn inspect(netns: &Path, own_tap: &str) -> Result<NetnsInterface, HostNetError> {
+    let args = ["-d", "-j", "addr", "show"];
+    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    if let Some(other) = links
+        .iter()
+        .find(|l| l.is_tap() && l.ifname.starts_with(TAP_PREFIX) && l.ifname != own_tap)
+    {
+        return Err(HostNetError::NetnsTaken {
+            netns: netns.to_path_buf(),
+            tap: other.ifname.clone(),
+        });
+    }
+    let unusable = |why: String| HostNetError::NoInterface {
+        netns: netns.to_path_buf(),
+        why,
+    };
+    let mut candidates = links.iter().filter_map(|link| {
+        if link.link_type.as_deref() != Some("ether") || link.is_tap() {
+            return None;
+        }
+        let address = link.addr_info.iter().find(|a| a.family == "inet")?;
+        Some((link, address))
+    });
+    let (link, address) = candidates
+        .next()
+        .ok_or_else(|| unusable("it has no Ethernet interface with an IPv4 address".into()))?;
+    if let Some((other, _)) = candidates.next() {
+        return Err(unusable(format!(
+            "it has more than one interface with an IPv4 address ({} and {}); a VM takes one",
+            link.ifname, other.ifname
+        )));
+    }
+    let address: Ipv4Addr = address
+        .local
+        .parse()
+        .map_err(|_| unusable(format!("{} has address {:?}", link.ifname, address.local)))?;
+    let address = Ipv4Net::new(address, addr_prefix(link))
+        .map_err(|why| unusable(format!("{}: {why}", link.ifname)))?;
+    let args = ["-j", "-4", "route", "show", "default"];
+    let routes: Vec<IpRoute> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    let gateway = routes
+        .iter()
+        .filter(|r| r.dev.as_deref() == Some(link.ifname.as_str()))
+        .find_map(|r| r.gateway.as_deref()?.parse::<Ipv4Addr>().ok())
+        .ok_or_else(|| {
+            unusable(format!(
+                "it has no IPv4 default route through {}",
+                link.ifname
+            ))
+        })?;
+    let mac = link
+        .address
+        .clone()
+        .ok_or_else(|| unusable(format!("{} has no MAC address", link.ifname)))?;
+    Ok(NetnsInterface {
+        name: link.ifname.clone(),
+        mac,
+        mtu: link.mtu.unwrap_or(1500),
+        address,
+        gateway,
+    })
+}
+
+fn addr_prefix(link: &IpLink) -> u8 {
+    link.addr_info
+        .iter()
+        .find(|a| a.family == "inet")
+        .map_or(32, |a| a.prefixlen)
+}
+
+/// Makes tap `tap` in `netns` and joins it to `interface` (from
+/// [`inspect`]) both ways. A tap of that name from an earlier boot is made
+/// anew. On failure nothing is left.
+pub async fn attach(
+    netns: &Path,
+    tap: &str,
+    interface: &NetnsInterface,
+) -> Result<(), HostNetError> {
+    check_ifname(tap)?;
+    check_ifname(&interface.name)?;
+    let args = ["-j", "link", "show"];
+    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    if links.iter().any(|l| l.ifname == tap) {
+        run_tool("ip", &["link", "del", "dev", tap], Some(netns)).await?;
+    }
+    run_tool(
+        "ip",
+        &["tuntap", "add", "dev", tap, "mode", "tap"],
+        Some(netns),
+    )
+    .await?;
+    let result = async {
+        let mtu = interface.mtu.to_string();
+        run_tool(
+            "ip",
+            &["link", "set", "dev", tap, "mtu", &mtu, "up"],
+            Some(netns),
+        )
+        .await?;
+        redirect(netns, &interface.name, tap).await?;
+        redirect(netns, tap, &interface.name).await
+    }
+    .await;
+    if result.is_err() {
+        let attached = super::AttachedNet {
+            netns: netns.to_path_buf(),
+            interface: interface.name.clone(),
+            tap: tap.to_string(),
+        };
+        if let Err(error) = detach(&attached).await {
+            tracing::warn!(%tap, %error, "cannot undo a half-made attachment");
+        }
+    }
+    result
+}
+
+/// Sends every frame arriving on `from` out of `to`.
+async fn redirect(netns: &Path, from: &str, to: &str) -> Result<(), HostNetError> {
+    // An ingress qdisc left by an earlier attachment goes, with its filter.
+    let _ = run_tool("tc", &["qdisc", "del", "dev", from, "ingress"], Some(netns)).await;
+    run_tool("tc", &["qdisc", "add", "dev", from, "ingress"], Some(netns)).await?;
+    #[rustfmt::skip]
+    let filter = [
+        "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all",
+        "u32", "match", "u8", "0", "0",
+        "action", "mirred", "egress", "redirect", "dev", to,
+    ];
+    run_tool("tc", &filter, Some(netns)).await.map(drop)
+}
+
+/// Removes the tap and the redirect of `attached`; a namespace that is
+/// gone (its owner deleted it, and everything in it) is fine.
+pub async fn detach(attached: &super::AttachedNet) -> Result<(), HostNetError> {
+    check_ifname(&attached.tap)?;
+    check_ifname(&attached.interface)?;
+    let netns = attached.netns.as_path();
+    if !netns_exists(netns) {
+        return Ok(());
+    }
+    let args = ["-j", "link", "show"];
+    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    if links.iter().any(|l| l.ifname == attached.interface) {
+        #[rustfmt::skip]
+        let qdisc = ["qdisc", "del", "dev", attached.interface.as_str(), "ingress"];
+        if let Err(error) = run_tool("tc", &qdisc, Some(netns)).await {
+            tracing::debug!(%error, "no redirect to remove");
+        }
+    }
+    if links.iter().any(|l| l.ifname == attached.tap) {
+        run_tool("ip", &["link", "del", "dev", &attached.tap], Some(netns)).await?;
+    }
+    Ok(())
+}
+
+/// Whether `path` still names a namespace (a file, usually a bind mount of
+/// one; a vanished owner leaves nothing or an empty file).
+fn netns_exists(path: &Path) -> bool {
+    std::fs::File::open(path).is_ok_and(|file| {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: `fd` is open for the call and `stat` is a valid buffer
+        // the kernel fills.
+        let rc = unsafe { libc::fstatfs(fd, stat.as_mut_ptr()) };
+        if rc != 0 {
+            return false;
+        }
+        // SAFETY: fstatfs returned 0, so it filled `stat`.
+        let kind = unsafe { stat.assume_init() }.f_type;
+        // `f_type`'s integer type differs between targets.
+        #[allow(clippy::unnecessary_cast)]
+        let kind = kind as i64;
+        kind == NSFS_MAGIC
+    })
+}
+
+/// `f_type` of nsfs, where namespace files live.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// A netns given by a caller: an absolute path to a namespace file.
+pub fn check_path(path: &Path) -> Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err(format!("{} is not an absolute path", path.display()));
+    }
+    if !netns_exists(path) {
+        return Err(format!(
+            "{} is not a network namespace (expected a file such as /run/netns/NAME)",
+            path.display()
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_one_ethernet_interface_with_an_address() {
+        let links: Vec<IpLink> = serde_json::from_str(
+            r#"[{"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,
+                 "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+                {"ifname":"eth0","link_type":"ether","address":"ae:11:22:33:44:55","mtu":1500,
+                 "linkinfo":{"info_kind":"veth"},
+                 "addr_info":[{"family":"inet","local":"10.4.0.7","prefixlen":24},
+                              {"family":"inet6","local":"fe80::1","prefixlen":64}]},
+                {"ifname":"ar0123","link_type":"ether","linkinfo":{"info_kind":"tun"},
+                 "addr_info":[]}]"#,
+        )
+        .unwrap();
+        let eth: Vec<&IpLink> = links
+            .iter()
+            .filter(|l| l.link_type.as_deref() == Some("ether") && !l.is_tap())
+            .collect();
+        assert_eq!(eth.len(), 1);
+        assert_eq!(eth[0].ifname, "eth0");
+        assert_eq!(addr_prefix(eth[0]), 24);
+        assert!(links[2].is_tap());
+    }
+
+    #[test]
+    fn a_namespace_path_must_be_absolute_and_a_namespace() {
+        assert!(check_path(Path::new("run/netns/x")).is_err());
+        let err = check_path(Path::new("/etc/hostname")).unwrap_err();
+        assert!(err.contains("not a network namespace"), "{err}");
+        assert!(check_path(Path::new("/proc/self/ns/net")).is_ok());
+    }
+}
