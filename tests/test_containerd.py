@@ -603,11 +603,6 @@ def test_nerdctl_spec(ctd):
 
 
 @only_22
-@pytest.mark.xfail(
-    not is_runc(),
-    strict=True,
-    reason="the shim does not run OCI hooks nor attach the VM to CNI's netns yet (issue 7)",
-)
 def test_nerdctl_port(ctd):
     """nerdctl's default bridge network (CNI in an OCI createRuntime hook)
     with `-p`: the port answers on loopback in our namespace, and no longer
@@ -674,6 +669,16 @@ def test_cri(version, images):
         inspect = json.loads(c.crictl("inspectp", pod_id).check().stdout)
         assert inspect["status"]["state"] == "SANDBOX_READY", inspect["status"]
         assert inspect["status"].get("runtimeHandler", CRI_HANDLER) == CRI_HANDLER, inspect["status"]
+
+        # The pod network (CNI's bridge, in the pod's netns): the container
+        # has the pod's IP, and a server in it answers on that IP from the
+        # node (our namespace), as with runc.
+        pod_ip = inspect["status"]["network"]["ip"]
+        assert pod_ip.startswith("10.88.61."), inspect["status"]["network"]
+        addrs = c.crictl("exec", cid, "ip", "-4", "-o", "addr", "show", "dev", "eth0").check().stdout
+        assert f"inet {pod_ip}/" in addrs, addrs
+        c.crictl("exec", cid, "httpd", "-p", "8080", "-h", "/www").check()
+        assert oci_image.MARKER in http_get(c, f"http://{pod_ip}:8080/", timeout=60)
 
         c.crictl("stop", cid).check()
         c.crictl("rm", cid).check()

@@ -9,7 +9,10 @@
 //! commands, `-v` and `-info`.
 
 mod error;
+mod hooks;
 mod logging;
+mod net;
+mod netns;
 mod oci;
 mod rootfs;
 mod service;

@@ -5,15 +5,19 @@
 //! - `hostname` becomes the guest's hostname;
 //! - `linux.resources`: the CPU quota (or cpuset) sets the vCPUs, the memory
 //!   limit the VM's memory;
-//! - the annotation [`PORTS_ANNOTATION`] publishes guest ports on the host.
+//! - the annotation [`PORTS_ANNOTATION`] publishes guest ports on the host;
+//! - `hooks` run on the host, as runc runs them (nerdctl publishes ports
+//!   with `createRuntime` and `poststop` hooks that run CNI);
+//! - the network namespace ([`Spec::network_namespace`]) is where the VM's
+//!   NIC is attached, and the namespace those hooks configure.
 //!
-//! Namespaces, cgroup paths, seccomp, capabilities and the host mounts do
-//! not apply: the VM is the isolation boundary, and the guest provides
+//! The other namespaces, cgroup paths, seccomp, capabilities and the host
+//! mounts do not apply: the VM is the isolation boundary, and the guest provides
 //! `/proc`, `/sys`, `/dev`, `/dev/pts`, `/dev/shm`, `/run` and `/tmp` itself.
 //! The structs read only these fields and ignore the rest.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrakis_protocol::{Command, ExecRequest, Rlimit, TtySize};
 use arrakis_runtime::network::ForwardRequest;
@@ -32,6 +36,9 @@ const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Spec {
+    /// Echoed in the state that hooks read.
+    #[serde(default)]
+    pub oci_version: String,
     #[serde(default)]
     pub process: Option<Process>,
     #[serde(default)]
@@ -42,6 +49,41 @@ pub struct Spec {
     pub linux: Option<Linux>,
     #[serde(default)]
     pub mounts: Vec<OciMount>,
+    #[serde(default)]
+    pub hooks: Option<Hooks>,
+}
+
+/// The hooks of each lifecycle stage, in the order they run. `prestart` is
+/// deprecated in the spec but still written by some tools.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hooks {
+    #[serde(default)]
+    pub prestart: Vec<Hook>,
+    #[serde(default)]
+    pub create_runtime: Vec<Hook>,
+    #[serde(default)]
+    pub create_container: Vec<Hook>,
+    #[serde(default)]
+    pub start_container: Vec<Hook>,
+    #[serde(default)]
+    pub poststart: Vec<Hook>,
+    #[serde(default)]
+    pub poststop: Vec<Hook>,
+}
+
+/// One hook: a host program run with exactly `args` (including argv[0])
+/// and `env`, fed the container's state on stdin.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Hook {
+    pub path: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Seconds; none means the runtime's default.
+    #[serde(default)]
+    pub timeout: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -113,6 +155,29 @@ pub struct OciRlimit {
 pub struct Linux {
     #[serde(default)]
     pub resources: Option<Resources>,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// Where the container's network lives, read from `linux.namespaces`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkNamespace {
+    /// No network namespace asked for: the container shares the host's.
+    Host,
+    /// A fresh namespace, made by the runtime (what nerdctl asks for; its
+    /// hooks then run CNI in it).
+    New,
+    /// A namespace someone already made and configured (what the CRI
+    /// plugin passes, with the pod's CNI network set up in it).
+    Existing(PathBuf),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -172,6 +237,39 @@ impl Spec {
             }
         }
         cpu.cpus.as_deref().and_then(cpuset_len)
+    }
+
+    /// The network namespace `linux.namespaces` asks for. A relative path
+    /// is refused: it would resolve against the shim's working directory,
+    /// not anything the caller meant. Two network entries are refused too,
+    /// as runc does.
+    pub fn network_namespace(&self) -> Result<NetworkNamespace, ShimError> {
+        let Some(linux) = &self.linux else {
+            return Ok(NetworkNamespace::Host);
+        };
+        let mut network = linux.namespaces.iter().filter(|ns| ns.kind == "network");
+        let Some(namespace) = network.next() else {
+            return Ok(NetworkNamespace::Host);
+        };
+        if network.next().is_some() {
+            return Err(ShimError::invalid(
+                "linux.namespaces",
+                "more than one namespace of type \"network\"; give at most one",
+            ));
+        }
+        match namespace.path.as_deref() {
+            None | Some("") => Ok(NetworkNamespace::New),
+            Some(path) if Path::new(path).is_absolute() => {
+                Ok(NetworkNamespace::Existing(PathBuf::from(path)))
+            }
+            Some(path) => Err(ShimError::invalid(
+                "linux.namespaces",
+                format!(
+                    "network namespace path {path:?} is relative; accepted: an absolute path \
+                     such as /var/run/netns/NAME, or no path for a new namespace"
+                ),
+            )),
+        }
     }
 
     fn resources(&self) -> Option<&Resources> {
@@ -450,6 +548,95 @@ mod tests {
             );
         }
         assert!(parse_ports("").unwrap().is_empty());
+    }
+
+    /// Trimmed from what nerdctl 2.x writes for `nerdctl run -p 8080:80`.
+    const NERDCTL_CONFIG: &str = r#"{
+        "ociVersion": "1.1.0",
+        "hooks": {
+            "createRuntime": [{
+                "path": "/usr/local/bin/nerdctl",
+                "args": ["/usr/local/bin/nerdctl", "--data-root=/var/lib/nerdctl",
+                         "--namespace=default", "internal", "oci-hook", "createRuntime"],
+                "env": ["PATH=/usr/local/bin:/usr/bin:/bin"]
+            }],
+            "poststop": [{
+                "path": "/usr/local/bin/nerdctl",
+                "args": ["/usr/local/bin/nerdctl", "internal", "oci-hook", "postStop"],
+                "timeout": 30
+            }]
+        },
+        "annotations": {"nerdctl/ports": "[{\"HostPort\":8080,\"ContainerPort\":80}]"},
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                {"type": "mount"}, {"type": "network"}
+            ]
+        }
+    }"#;
+
+    #[test]
+    fn nerdctl_hooks_and_a_new_netns_parse() {
+        let spec: Spec = serde_json::from_str(NERDCTL_CONFIG).unwrap();
+        assert_eq!(spec.oci_version, "1.1.0");
+        let hooks = spec.hooks.as_ref().unwrap();
+        assert_eq!(hooks.create_runtime.len(), 1);
+        let hook = &hooks.create_runtime[0];
+        assert_eq!(hook.path, "/usr/local/bin/nerdctl");
+        assert_eq!(hook.args.len(), 6);
+        assert_eq!(hook.args[5], "createRuntime");
+        assert_eq!(hook.env, ["PATH=/usr/local/bin:/usr/bin:/bin"]);
+        assert_eq!(hook.timeout, None);
+        assert_eq!(hooks.poststop.len(), 1);
+        assert_eq!(hooks.poststop[0].args[3], "postStop");
+        assert!(hooks.poststop[0].env.is_empty());
+        assert_eq!(hooks.poststop[0].timeout, Some(30));
+        assert!(hooks.prestart.is_empty() && hooks.create_container.is_empty());
+        assert!(hooks.start_container.is_empty() && hooks.poststart.is_empty());
+        assert_eq!(spec.network_namespace().unwrap(), NetworkNamespace::New);
+    }
+
+    #[test]
+    fn a_cri_netns_path_is_existing() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234-abcd"}
+            ]}}"#,
+        )
+        .unwrap();
+        assert!(spec.hooks.is_none());
+        assert_eq!(spec.oci_version, "");
+        assert_eq!(
+            spec.network_namespace().unwrap(),
+            NetworkNamespace::Existing(PathBuf::from("/var/run/netns/cni-1234-abcd"))
+        );
+        let spec: Spec =
+            serde_json::from_str(r#"{"linux": {"namespaces": [{"type": "network", "path": ""}]}}"#)
+                .unwrap();
+        assert_eq!(spec.network_namespace().unwrap(), NetworkNamespace::New);
+    }
+
+    #[test]
+    fn without_a_network_namespace_it_is_the_hosts() {
+        let spec: Spec = serde_json::from_str(CONFIG).unwrap();
+        assert_eq!(spec.network_namespace().unwrap(), NetworkNamespace::Host);
+        let spec: Spec = serde_json::from_str(r#"{"ociVersion": "1.0.0"}"#).unwrap();
+        assert_eq!(spec.network_namespace().unwrap(), NetworkNamespace::Host);
+    }
+
+    #[test]
+    fn bad_network_namespaces_are_refused() {
+        for namespaces in [
+            r#"[{"type": "network", "path": "netns/x"}]"#,
+            r#"[{"type": "network"}, {"type": "network", "path": "/run/netns/x"}]"#,
+        ] {
+            let spec: Spec =
+                serde_json::from_str(&format!(r#"{{"linux": {{"namespaces": {namespaces}}}}}"#))
+                    .unwrap();
+            let err = spec.network_namespace().unwrap_err().to_string();
+            assert!(err.contains("linux.namespaces"), "{namespaces}: {err}");
+        }
     }
 
     #[test]

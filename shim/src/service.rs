@@ -92,11 +92,17 @@ pub async fn open_manager() -> Result<Manager, ShimError> {
 pub async fn cleanup_bundle(bundle: &Path) -> Result<(), ShimError> {
     rootfs::unmount(&bundle.join("rootfs"));
     rootfs::unmount(&bundle.join("rootfs-layers"));
-    let Some(state) = TaskState::load(bundle)? else {
+    let Some(mut state) = TaskState::load(bundle)? else {
         return Ok(());
     };
     let manager = open_manager().await?;
     release(&manager, &state).await?;
+    // The bundle's directory is named after the container.
+    let id = bundle
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::net::teardown(&id, bundle, &mut state).await;
     TaskState::remove(bundle);
     Ok(())
 }

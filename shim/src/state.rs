@@ -20,6 +20,20 @@ pub struct TaskState {
     /// A conversion only this container uses, untagged on delete.
     #[serde(default)]
     pub private_image: Option<String>,
+    /// The network namespace the shim made for the container (removed on
+    /// delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_netns: Option<PathBuf>,
+    /// The container's network namespace, as its hooks were told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The spec's `poststop` hooks are still to run.
+    #[serde(default)]
+    pub poststop: bool,
+    /// The pid reported for a pod's sandbox container, a process holding
+    /// the pod's network namespace (see `net::NetnsHolder`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_pid: Option<u32>,
 }
 
 impl TaskState {
@@ -93,6 +107,10 @@ mod tests {
         let state = TaskState {
             sandbox: "ctrd-default-t1".into(),
             private_image: Some("arrakis.local/containerd-rootfs:x".into()),
+            own_netns: Some(dir.path().join("netns")),
+            netns: Some(dir.path().join("netns")),
+            poststop: true,
+            holder_pid: Some(42),
         };
         state.save(dir.path()).unwrap();
         assert_eq!(TaskState::load(dir.path()).unwrap(), Some(state));

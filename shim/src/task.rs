@@ -54,6 +54,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::error::ShimError;
+use crate::net::{self, HookContext};
 use crate::oci::{self, Spec};
 use crate::rootfs;
 use crate::service::{open_manager, release};
@@ -91,6 +92,7 @@ struct Container {
     paused: AtomicBool,
     /// Restored from a checkpoint: Start attaches to the running init.
     restored: bool,
+    hooks: HookContext,
 }
 
 struct Process {
@@ -295,7 +297,7 @@ impl TaskService {
         let manager = self.manager().await?;
         let mut state = TaskState {
             sandbox: sandbox_name(&self.namespace, &req.id),
-            private_image: None,
+            ..TaskState::default()
         };
         // A sandbox of that name is left over from a shim that died before
         // containerd ran `delete`: the container id is ours now.
@@ -304,13 +306,14 @@ impl TaskService {
             release(manager, &state).await?;
         }
         state.save(&bundle)?;
-        let vm_pid = match self.boot(manager, &req, &spec, &bundle, &mut state).await {
-            Ok(pid) => pid,
+        let (vm_pid, hooks) = match self.boot(manager, &req, &spec, &bundle, &mut state).await {
+            Ok(booted) => booted,
             Err(error) => {
                 tracing::warn!(id = %req.id, error = %arrakis_protocol::error_chain(&error), "create failed; cleaning up");
                 if let Err(cleanup) = release(manager, &state).await {
                     tracing::warn!(error = %cleanup, "cleanup after a failed create");
                 }
+                net::teardown(&req.id, &bundle, &mut state).await;
                 rootfs::unmount(&bundle.join("rootfs"));
                 TaskState::remove(&bundle);
                 return Err(error);
@@ -326,6 +329,7 @@ impl TaskService {
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             restored: !req.checkpoint.is_empty(),
+            hooks,
         });
         self.containers
             .lock()
@@ -355,8 +359,8 @@ impl TaskService {
         })
     }
 
-    /// Makes the container's VM (booted, or restored from a checkpoint);
-    /// returns QEMU's pid.
+    /// Makes the container's network and VM (booted, or restored from a
+    /// checkpoint); returns QEMU's pid and what the later hooks need.
     async fn boot(
         &self,
         manager: &Manager,
@@ -364,9 +368,29 @@ impl TaskService {
         spec: &Spec,
         bundle: &Path,
         state: &mut TaskState,
-    ) -> Result<u32, ShimError> {
+    ) -> Result<(u32, HookContext), ShimError> {
+        let setup = net::prepare(spec, &req.id, bundle, state).await?;
+        let (netns, hooks) = (setup.attach, setup.hooks);
+        let holder = match &setup.hold {
+            Some(path) => {
+                let pid = net::NetnsHolder::spawn(path)?;
+                state.holder_pid = Some(pid);
+                state.save(bundle)?;
+                Some(pid)
+            }
+            None => None,
+        };
+        let forwards = spec.forwards()?;
+        if netns.is_some() && !forwards.is_empty() {
+            return Err(ShimError::invalid(
+                format!("annotations.{}", oci::PORTS_ANNOTATION),
+                "the container is on a CNI network, which publishes its ports (e.g. nerdctl -p); \
+                 this annotation works only without one",
+            ));
+        }
         if !req.checkpoint.is_empty() {
-            return self.restore(manager, req, spec, state).await;
+            let pid = self.restore(manager, req, spec, state, netns).await?;
+            return Ok((holder.unwrap_or(pid), hooks));
         }
         let source = rootfs::classify(&req.rootfs)?;
         let prepared = rootfs::prepare(manager, source, bundle, &req.id).await?;
@@ -381,13 +405,14 @@ impl TaskService {
             image: Some(prepared.reference.clone()),
             // A conversion made for one container is never booted again.
             cold_boot: prepared.private,
-            forwards: spec.forwards()?,
+            forwards,
+            netns,
             ..SandboxSpec::default()
         };
         let info = manager.create(sandbox).await?;
         set_hostname(manager, spec, &state.sandbox).await?;
         copy_files(manager, spec, &state.sandbox).await?;
-        Ok(info.pid.unwrap_or_default())
+        Ok((holder.unwrap_or(info.pid.unwrap_or_default()), hooks))
     }
 
     /// Brings a checkpointed container back: the checkpoint directory
@@ -400,10 +425,18 @@ impl TaskService {
         req: &CreateTaskRequest,
         spec: &Spec,
         state: &TaskState,
+        netns: Option<PathBuf>,
     ) -> Result<u32, ShimError> {
         let dir = Path::new(&req.checkpoint);
         let snapshot = manager.import_snapshot(dir).await?;
-        let restored = manager.restore(&snapshot.id, &state.sandbox).await;
+        let restored = match &netns {
+            Some(path) => {
+                manager
+                    .restore_attached(&snapshot.id, &state.sandbox, path)
+                    .await
+            }
+            None => manager.restore(&snapshot.id, &state.sandbox).await,
+        };
         if let Err(error) = manager.delete_snapshot(&snapshot.id).await {
             tracing::warn!(id = %snapshot.id, %error, "could not delete the imported snapshot");
         }
@@ -526,6 +559,12 @@ impl TaskService {
             shown_pid,
             events,
         ));
+        if process.exec_id.is_empty() {
+            container
+                .hooks
+                .poststart(&container.id, &container.bundle, container.vm_pid)
+                .await;
+        }
         Ok(StartResponse {
             pid: shown_pid,
             ..Default::default()
@@ -559,6 +598,12 @@ impl TaskService {
         }
         let manager = self.manager().await?;
         release(manager, &container.state).await?;
+        net::teardown(
+            &container.id,
+            &container.bundle,
+            &mut container.state.clone(),
+        )
+        .await;
         rootfs::unmount(&container.bundle.join("rootfs"));
         TaskState::remove(&container.bundle);
         self.containers
@@ -705,6 +750,7 @@ impl TaskService {
         let spec = Spec {
             linux: Some(oci::Linux {
                 resources: Some(wanted),
+                ..oci::Linux::default()
             }),
             ..Spec::default()
         };

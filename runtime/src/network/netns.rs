@@ -222,6 +222,11 @@ pub async fn detach(attached: &super::AttachedNet) -> Result<(), HostNetError> {
     }
     let args = ["-j", "link", "show"];
     let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    // Without our tap this is not (or no longer) our namespace: a path
+    // such as /proc/PID/ns/net may since name another process's.
+    if !links.iter().any(|l| l.ifname == attached.tap) {
+        return Ok(());
+    }
     if links.iter().any(|l| l.ifname == attached.interface) {
         #[rustfmt::skip]
         let qdisc = ["qdisc", "del", "dev", attached.interface.as_str(), "ingress"];
@@ -229,9 +234,7 @@ pub async fn detach(attached: &super::AttachedNet) -> Result<(), HostNetError> {
             tracing::debug!(%error, "no redirect to remove");
         }
     }
-    if links.iter().any(|l| l.ifname == attached.tap) {
-        run_tool("ip", &["link", "del", "dev", &attached.tap], Some(netns)).await?;
-    }
+    run_tool("ip", &["link", "del", "dev", &attached.tap], Some(netns)).await?;
     Ok(())
 }
 
@@ -259,7 +262,9 @@ fn netns_exists(path: &Path) -> bool {
 /// `f_type` of nsfs, where namespace files live.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
-/// A netns given by a caller: an absolute path to a namespace file.
+/// A netns given by a caller: an absolute path to a namespace file, not
+/// this process's own namespace (a VM taking over the host's interface
+/// would cut the host off).
 pub fn check_path(path: &Path) -> Result<PathBuf, String> {
     if !path.is_absolute() {
         return Err(format!("{} is not an absolute path", path.display()));
@@ -270,7 +275,26 @@ pub fn check_path(path: &Path) -> Result<PathBuf, String> {
             path.display()
         ));
     }
+    if is_own_namespace(path) {
+        return Err(format!(
+            "{} is this process's own network namespace; a VM takes over the interface of \
+             the namespace it is given",
+            path.display()
+        ));
+    }
     Ok(path.to_path_buf())
+}
+
+/// Whether `path` is the network namespace this process runs in.
+pub fn is_own_namespace(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(path),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +329,9 @@ mod tests {
         assert!(check_path(Path::new("run/netns/x")).is_err());
         let err = check_path(Path::new("/etc/hostname")).unwrap_err();
         assert!(err.contains("not a network namespace"), "{err}");
-        assert!(check_path(Path::new("/proc/self/ns/net")).is_ok());
+        let err = check_path(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(err.contains("own network namespace"), "{err}");
+        assert!(is_own_namespace(Path::new("/proc/self/ns/net")));
+        assert!(!is_own_namespace(Path::new("/etc/hostname")));
     }
 }
