@@ -17,6 +17,7 @@ mod oci;
 mod rootfs;
 mod service;
 mod state;
+mod stats;
 mod stdio;
 mod task;
 

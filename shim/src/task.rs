@@ -35,8 +35,8 @@ use containerd_shim_protos::api::{
     CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
     CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
     PauseRequest, PidsRequest, PidsResponse, ProcessInfo, ResizePtyRequest, ResumeRequest,
-    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, Status,
-    UpdateTaskRequest, WaitRequest, WaitResponse,
+    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest,
+    StatsResponse, Status, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim_protos::events::task::{
     TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO,
@@ -59,6 +59,7 @@ use crate::oci::{self, Spec};
 use crate::rootfs;
 use crate::service::{open_manager, release};
 use crate::state::{sandbox_name, TaskState};
+use crate::stats;
 use crate::stdio::{open_outputs, open_stdin, Logger, Sink, StdioPaths};
 
 /// The agent's name for a container's init process.
@@ -70,6 +71,10 @@ const STDIN_DRAIN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Exit status of a process whose VM or agent session was lost.
 const LOST: u32 = 255;
+
+/// How long the guest may take to report its numbers for Stats (the
+/// caller, often the CRI plugin's periodic collection, must not hang).
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 type Event = (&'static str, Box<dyn MessageDyn>);
@@ -740,6 +745,45 @@ impl TaskService {
         Ok(())
     }
 
+    /// The VM's metrics (see [`crate::stats`]).
+    async fn do_stats(&self, req: StatsRequest) -> Result<StatsResponse, ShimError> {
+        let container = self.container(&req.id)?;
+        let manager = self.manager().await?;
+        let info = manager.get(&container.state.sandbox).await?;
+        let cpu = info.pid.and_then(stats::host_cpu);
+        let guest = match container.paused.load(Ordering::SeqCst) {
+            true => None,
+            false => {
+                let agent = manager.agent(&container.state.sandbox).await?;
+                let read = async {
+                    let mut meminfo = Vec::new();
+                    agent.read_file("/proc/meminfo", &mut meminfo).await?;
+                    let mut loadavg = Vec::new();
+                    agent.read_file("/proc/loadavg", &mut loadavg).await?;
+                    Ok::<_, arrakis_runtime::agent::AgentError>((meminfo, loadavg))
+                };
+                match tokio::time::timeout(STATS_TIMEOUT, read).await {
+                    Ok(Ok((meminfo, loadavg))) => stats::parse_guest(
+                        &String::from_utf8_lossy(&meminfo),
+                        &String::from_utf8_lossy(&loadavg),
+                    ),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "the guest's numbers are unavailable");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        let metrics = stats::metrics(cpu, guest, info.memory_mb);
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| ShimError::Internal(format!("encoding the metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
     async fn do_update(&self, req: UpdateTaskRequest) -> Result<(), ShimError> {
         let container = self.container(&req.id)?;
         let Some(resources) = req.resources.as_ref() else {
@@ -1054,6 +1098,10 @@ impl Task for TaskService {
         tracing::info!(id = %req.id, path = %req.path, "checkpoint");
         self.do_checkpoint(req).await?;
         Ok(Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        Ok(self.do_stats(req).await?)
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
