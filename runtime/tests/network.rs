@@ -534,8 +534,9 @@ impl Drop for PodNetns {
 /// the pod namespace's `eth0` (its address and MAC), answers on it from
 /// the host side and reaches the host side; a second VM cannot take the
 /// same interface; a warm start from the golden snapshot does the same in
-/// another namespace; arrakis's own forwards are refused; a restore
-/// without a namespace falls back to bridge mode; and destroy
+/// another namespace; arrakis's own forwards are refused; a snapshot
+/// restored into the namespace serves again from the same process; a
+/// restore without a namespace falls back to bridge mode; and destroy
 /// leaves the namespaces as they were.
 #[test]
 fn netns_mode_takes_over_a_pod_namespace() {
@@ -592,6 +593,16 @@ fn netns_mode_takes_over_a_pod_namespace() {
             assert!(error.chain().contains("CNI"), "{}", error.chain());
 
             manager.snapshot("pod0", Some("s".into())).await.unwrap();
+            // The checkpoint/restore of the shim: the same processes back
+            // in the same namespace, after the original is gone.
+            manager.destroy("pod0").await.unwrap();
+            let back = manager
+                .restore_attached("s", "back", &pods[0].path())
+                .await
+                .unwrap();
+            assert_eq!(back.network.as_ref().unwrap().mode, NetMode::Netns);
+            let guest = Ipv4Addr::new(10, 77, 0, 2);
+            assert_eq!(get(guest, GUEST_WEB).as_deref(), Some("pod0"));
             let restored = manager.restore("s", "plain").await.unwrap();
             // A tap, which the saved NIC needs: bridge mode.
             assert_eq!(restored.network.unwrap().mode, NetMode::Bridge);

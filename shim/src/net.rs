@@ -224,7 +224,6 @@ impl NetnsHolder {
         use std::os::unix::process::CommandExt;
         let file = std::fs::File::open(netns)
             .map_err(|e| ShimError::io("opening the network namespace", netns, e))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let mut command = std::process::Command::new("sleep");
         command
             .arg0(HOLDER_NAME)
@@ -232,17 +231,7 @@ impl NetnsHolder {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: between fork and exec the child only calls setns(2),
-        // which is async-signal-safe, on a descriptor this function keeps
-        // open until the spawn returns.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        runtime_netns::join_in_child(&mut command, &file);
         let child = command
             .spawn()
             .map_err(|e| ShimError::io("starting a holder of", netns, e))?;

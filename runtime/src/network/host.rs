@@ -399,18 +399,7 @@ pub(super) async fn run_tool(
         .transpose()
         .map_err(spawn_error)?;
     if let Some(file) = &namespace {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-        // SAFETY: between fork and exec the child only calls setns(2),
-        // which is async-signal-safe, on a descriptor the parent keeps open
-        // until the spawn returns.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        super::netns::join_in_child(command.as_std_mut(), file);
     }
     let child = command.spawn().map_err(spawn_error)?;
     drop(namespace);

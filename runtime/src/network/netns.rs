@@ -259,6 +259,25 @@ fn netns_exists(path: &Path) -> bool {
     })
 }
 
+/// Makes the child `command` spawns join the network namespace open as
+/// `namespace` before it runs its program; the caller's threads keep
+/// theirs. `namespace` must stay open until the spawn returns.
+pub fn join_in_child(command: &mut std::process::Command, namespace: &std::fs::File) {
+    use std::os::unix::process::CommandExt;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(namespace);
+    // SAFETY: between fork and exec the child only calls setns(2), which
+    // is async-signal-safe, on a descriptor the caller keeps open until
+    // the spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `f_type` of nsfs, where namespace files live.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 

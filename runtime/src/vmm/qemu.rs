@@ -345,18 +345,7 @@ impl Vmm for Qemu {
             _ => None,
         };
         if let Some(file) = &netns {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-            // SAFETY: between fork and exec the child only calls setns(2),
-            // which is async-signal-safe, on a descriptor this function
-            // keeps open until the spawn returns.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::network::netns::join_in_child(command.as_std_mut(), file);
         }
         tracing::debug!(binary = %self.binary.display(), args = ?command.as_std().get_args().collect::<Vec<_>>(), "launching QEMU");
         let mut child = command.spawn().map_err(|source| VmmError::Spawn {
