@@ -416,7 +416,7 @@ pub struct GuestForward {
     pub description: String,
 }
 
-/// An inclusive range of ports (`40000-44999`, or one port).
+/// An inclusive range of ports (`28000-32767`, or one port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
     pub first: u16,
@@ -547,9 +547,12 @@ impl Default for NetworkConfig {
                 addr: Ipv4Addr::new(10, 20, 0, 0),
                 prefix: 16,
             },
+            // Below Linux's ephemeral range (32768-60999): a port there can
+            // be taken by any outgoing connection's source port between a
+            // sandbox's stop and its start, and its forward cannot reopen.
             host_ports: PortRange {
-                first: 40000,
-                last: 44999,
+                first: 28000,
+                last: 32767,
             },
             forwards: vec![
                 DefaultForward {
