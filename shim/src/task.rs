@@ -365,7 +365,8 @@ impl TaskService {
     }
 
     /// Makes the container's network and VM (booted, or restored from a
-    /// checkpoint); returns QEMU's pid and what the later hooks need.
+    /// checkpoint); returns the task's pid (QEMU's, or for a CRI pod's
+    /// sandbox its namespace holder's) and what the later hooks need.
     async fn boot(
         &self,
         manager: &Manager,
