@@ -84,24 +84,35 @@ pub fn tap_name(sandbox_id: &str) -> String {
     format!("{TAP_PREFIX}{head}")
 }
 
-/// One interface in `ip -j [-d] link show`.
+/// One interface in `ip -j [-d] link show` or `ip -j [-d] addr show`
+/// (which adds `addr_info`).
 #[derive(Debug, Deserialize)]
-struct Link {
-    ifname: String,
+pub(super) struct Link {
+    pub ifname: String,
     #[serde(default)]
-    master: Option<String>,
+    pub master: Option<String>,
     #[serde(default)]
-    linkinfo: Option<LinkInfo>,
+    pub linkinfo: Option<LinkInfo>,
+    /// The MAC address, for Ethernet links.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub link_type: Option<String>,
+    #[serde(default)]
+    pub addr_info: Vec<AddrInfo>,
 }
 
 #[derive(Debug, Deserialize)]
-struct LinkInfo {
+pub(super) struct LinkInfo {
     #[serde(default)]
-    info_kind: Option<String>,
+    pub info_kind: Option<String>,
 }
 
 impl Link {
-    fn kind(&self) -> &str {
+    /// The link's kind with `-d` (`bridge`, `tun`, `veth`...), or "".
+    pub(super) fn kind(&self) -> &str {
         self.linkinfo
             .as_ref()
             .and_then(|info| info.info_kind.as_deref())
@@ -109,18 +120,11 @@ impl Link {
     }
 }
 
-/// One interface in `ip -j addr show`.
 #[derive(Debug, Deserialize)]
-struct AddrLink {
-    #[serde(default)]
-    addr_info: Vec<AddrInfo>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AddrInfo {
-    family: String,
-    local: String,
-    prefixlen: u8,
+pub(super) struct AddrInfo {
+    pub family: String,
+    pub local: String,
+    pub prefixlen: u8,
 }
 
 /// Makes bridge `bridge` exist, with exactly the IPv4 address `gateway`
@@ -159,7 +163,7 @@ pub async fn ensure_bridge(bridge: &str, gateway: Ipv4Net) -> Result<(), HostNet
 /// Leaves `gateway` as the only IPv4 address of `bridge`.
 async fn set_address(bridge: &str, gateway: Ipv4Net) -> Result<(), HostNetError> {
     let args = ["-j", "addr", "show", "dev", bridge];
-    let links: Vec<AddrLink> = parse_json(&args, &run_ip(&args).await?)?;
+    let links: Vec<Link> = parse_json(&args, &run_ip(&args).await?)?;
     let wanted = gateway.to_string();
     let mut present = false;
     for info in links.iter().flat_map(|l| &l.addr_info) {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::host::{check_ifname, parse_json, run_tool, HostNetError, TAP_PREFIX};
+use super::host::{check_ifname, parse_json, run_tool, HostNetError, Link, TAP_PREFIX};
 use super::Ipv4Net;
 
 /// What the guest takes over from the namespace's interface.
@@ -32,34 +32,6 @@ pub struct NetnsInterface {
 }
 
 #[derive(Debug, Deserialize)]
-struct IpLink {
-    ifname: String,
-    #[serde(default)]
-    address: Option<String>,
-    #[serde(default)]
-    mtu: Option<u32>,
-    #[serde(default)]
-    link_type: Option<String>,
-    #[serde(default)]
-    linkinfo: Option<IpLinkInfo>,
-    #[serde(default)]
-    addr_info: Vec<IpAddr>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpLinkInfo {
-    #[serde(default)]
-    info_kind: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpAddr {
-    family: String,
-    local: String,
-    prefixlen: u8,
-}
-
-#[derive(Debug, Deserialize)]
 struct IpRoute {
     #[serde(default)]
     gateway: Option<String>,
@@ -67,58 +39,16 @@ struct IpRoute {
     dev: Option<String>,
 }
 
-impl IpLink {
-    fn is_tap(&self) -> bool {
-        self.linkinfo
-            .as_ref()
-            .and_then(|info| info.info_kind.as_deref())
-            == Some("tun")
-    }
-}
-
-/// The interface of namespace `netns` a VM can take over: the one Ethernet
-/// interface (not loopback, not a tap) with an IPv4 address, and the
-/// gateway of the namespace's default route through it. `NetnsTaken` when
-/// the tap of a sandbox other than `own_tap`'s is there: two VMs cannot
-/// share one interface.
+/// The interface of namespace `netns` a VM can take over (see [`choose`]),
+/// and the gateway of the namespace's default route through it.
 pub async fn inspect(netns: &Path, own_tap: &str) -> Result<NetnsInterface, HostNetError> {
     let args = ["-d", "-j", "addr", "show"];
-    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
-    if let Some(other) = links
-        .iter()
-        .find(|l| l.is_tap() && l.ifname.starts_with(TAP_PREFIX) && l.ifname != own_tap)
-    {
-        return Err(HostNetError::NetnsTaken {
-            netns: netns.to_path_buf(),
-            tap: other.ifname.clone(),
-        });
-    }
+    let links: Vec<Link> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    let (link, address) = choose(netns, &links, own_tap)?;
     let unusable = |why: String| HostNetError::NoInterface {
         netns: netns.to_path_buf(),
         why,
     };
-    let mut candidates = links.iter().filter_map(|link| {
-        if link.link_type.as_deref() != Some("ether") || link.is_tap() {
-            return None;
-        }
-        let address = link.addr_info.iter().find(|a| a.family == "inet")?;
-        Some((link, address))
-    });
-    let (link, address) = candidates
-        .next()
-        .ok_or_else(|| unusable("it has no Ethernet interface with an IPv4 address".into()))?;
-    if let Some((other, _)) = candidates.next() {
-        return Err(unusable(format!(
-            "it has more than one interface with an IPv4 address ({} and {}); a VM takes one",
-            link.ifname, other.ifname
-        )));
-    }
-    let address: Ipv4Addr = address
-        .local
-        .parse()
-        .map_err(|_| unusable(format!("{} has address {:?}", link.ifname, address.local)))?;
-    let address = Ipv4Net::new(address, addr_prefix(link))
-        .map_err(|why| unusable(format!("{}: {why}", link.ifname)))?;
     let args = ["-j", "-4", "route", "show", "default"];
     let routes: Vec<IpRoute> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
     let gateway = routes
@@ -144,11 +74,62 @@ pub async fn inspect(netns: &Path, own_tap: &str) -> Result<NetnsInterface, Host
     })
 }
 
-fn addr_prefix(link: &IpLink) -> u8 {
-    link.addr_info
+/// Of the `links` of namespace `netns` (`ip -d -j addr show`), the one
+/// Ethernet interface (not loopback, not a tap) with an IPv4 address, and
+/// that address. `NetnsTaken` when the tap of a sandbox other than
+/// `own_tap`'s is there: two VMs cannot share one interface.
+fn choose<'a>(
+    netns: &Path,
+    links: &'a [Link],
+    own_tap: &str,
+) -> Result<(&'a Link, Ipv4Net), HostNetError> {
+    check_not_taken(netns, links, own_tap)?;
+    let unusable = |why: String| HostNetError::NoInterface {
+        netns: netns.to_path_buf(),
+        why,
+    };
+    let mut candidates = links.iter().filter_map(|link| {
+        if link.link_type.as_deref() != Some("ether") || is_tap(link) {
+            return None;
+        }
+        let address = link.addr_info.iter().find(|a| a.family == "inet")?;
+        Some((link, address))
+    });
+    let (link, address) = candidates
+        .next()
+        .ok_or_else(|| unusable("it has no Ethernet interface with an IPv4 address".into()))?;
+    if let Some((other, _)) = candidates.next() {
+        return Err(unusable(format!(
+            "it has more than one interface with an IPv4 address ({} and {}); a VM takes one",
+            link.ifname, other.ifname
+        )));
+    }
+    let addr: Ipv4Addr = address
+        .local
+        .parse()
+        .map_err(|_| unusable(format!("{} has address {:?}", link.ifname, address.local)))?;
+    let net = Ipv4Net::new(addr, address.prefixlen)
+        .map_err(|why| unusable(format!("{}: {why}", link.ifname)))?;
+    Ok((link, net))
+}
+
+/// `NetnsTaken` when `links` hold a sandbox tap other than `own_tap`.
+fn check_not_taken(netns: &Path, links: &[Link], own_tap: &str) -> Result<(), HostNetError> {
+    match links
         .iter()
-        .find(|a| a.family == "inet")
-        .map_or(32, |a| a.prefixlen)
+        .find(|l| is_tap(l) && l.ifname.starts_with(TAP_PREFIX) && l.ifname != own_tap)
+    {
+        Some(other) => Err(HostNetError::NetnsTaken {
+            netns: netns.to_path_buf(),
+            tap: other.ifname.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether `link` is a tap (or tun) device.
+fn is_tap(link: &Link) -> bool {
+    link.kind() == "tun"
 }
 
 /// Makes tap `tap` in `netns` and joins it to `interface` (from
@@ -162,7 +143,7 @@ pub async fn attach(
     check_ifname(tap)?;
     check_ifname(&interface.name)?;
     let args = ["-j", "link", "show"];
-    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    let links: Vec<Link> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
     if links.iter().any(|l| l.ifname == tap) {
         run_tool("ip", &["link", "del", "dev", tap], Some(netns)).await?;
     }
@@ -221,7 +202,7 @@ pub async fn detach(attached: &super::AttachedNet) -> Result<(), HostNetError> {
         return Ok(());
     }
     let args = ["-j", "link", "show"];
-    let links: Vec<IpLink> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    let links: Vec<Link> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
     // Without our tap this is not (or no longer) our namespace: a path
     // such as /proc/PID/ns/net may since name another process's.
     if !links.iter().any(|l| l.ifname == attached.tap) {
@@ -322,7 +303,7 @@ mod tests {
 
     #[test]
     fn picks_the_one_ethernet_interface_with_an_address() {
-        let links: Vec<IpLink> = serde_json::from_str(
+        let links: Vec<Link> = serde_json::from_str(
             r#"[{"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,
                  "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
                 {"ifname":"eth0","link_type":"ether","address":"ae:11:22:33:44:55","mtu":1500,
@@ -333,14 +314,14 @@ mod tests {
                  "addr_info":[]}]"#,
         )
         .unwrap();
-        let eth: Vec<&IpLink> = links
-            .iter()
-            .filter(|l| l.link_type.as_deref() == Some("ether") && !l.is_tap())
-            .collect();
-        assert_eq!(eth.len(), 1);
-        assert_eq!(eth[0].ifname, "eth0");
-        assert_eq!(addr_prefix(eth[0]), 24);
-        assert!(links[2].is_tap());
+        let netns = Path::new("/run/netns/pod");
+        let (eth, address) = choose(netns, &links, "ar0123").unwrap();
+        assert_eq!(eth.ifname, "eth0");
+        assert_eq!(address.to_string(), "10.4.0.7/24");
+        assert!(is_tap(&links[2]));
+        // Another sandbox's tap there: taken.
+        let err = choose(netns, &links, "ar9999").unwrap_err();
+        assert!(matches!(err, HostNetError::NetnsTaken { .. }), "{err}");
     }
 
     #[test]
