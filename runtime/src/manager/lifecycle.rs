@@ -30,7 +30,7 @@ const CONSOLE_TAIL_LINES: usize = 40;
 /// The plan of a sandbox whose NIC joins namespace `path`.
 fn attached_plan(spec: &SandboxSpec, path: &Path) -> Result<NetPlan, RuntimeError> {
     let invalid = |field, message: String| RuntimeError::InvalidArgument { field, message };
-    let netns = crate::network::netns::check_path(path).map_err(|m| invalid("netns", m))?;
+    let plan = NetPlan::attached(path)?;
     if spec.egress.is_some() {
         let message = "not with a network namespace: its owner decides".to_string();
         return Err(invalid("egress", message));
@@ -39,12 +39,7 @@ fn attached_plan(spec: &SandboxSpec, path: &Path) -> Result<NetPlan, RuntimeErro
         let message = "not with a network namespace: publish ports through its owner".to_string();
         return Err(invalid("forwards", message));
     }
-    Ok(NetPlan {
-        mode: crate::network::NetMode::Netns,
-        egress: crate::network::EgressPolicy::AllowAll,
-        forwards: Vec::new(),
-        netns: Some(netns),
-    })
+    Ok(plan)
 }
 
 /// The hostname a golden snapshot's guest boots with.

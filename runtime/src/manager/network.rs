@@ -38,6 +38,21 @@ pub(super) struct NetPlan {
 }
 
 impl NetPlan {
+    /// The plan of a NIC that joins namespace `path` (netns mode); the
+    /// path must name a namespace that is not this process's.
+    pub fn attached(path: &std::path::Path) -> Result<NetPlan, RuntimeError> {
+        let netns = netns::check_path(path).map_err(|message| RuntimeError::InvalidArgument {
+            field: "netns",
+            message,
+        })?;
+        Ok(NetPlan {
+            mode: NetMode::Netns,
+            egress: EgressPolicy::AllowAll,
+            forwards: Vec::new(),
+            netns: Some(netns),
+        })
+    }
+
     /// The plan for a sandbox restored from a snapshot with `net`: its mode
     /// and policy, and its forwards' guest ports on new host ports. A
     /// netns-mode snapshot's namespace belonged to its sandbox: restored

@@ -577,17 +577,7 @@ impl Manager {
         };
         let plan = match (snap.network.as_ref(), netns) {
             (Some(net), None) => Some(NetPlan::from_snapshot(net)),
-            (Some(_), Some(path)) => Some(NetPlan {
-                mode: NetMode::Netns,
-                egress: crate::network::EgressPolicy::AllowAll,
-                forwards: Vec::new(),
-                netns: Some(crate::network::netns::check_path(path).map_err(|message| {
-                    RuntimeError::InvalidArgument {
-                        field: "netns",
-                        message,
-                    }
-                })?),
-            }),
+            (Some(_), Some(path)) => Some(NetPlan::attached(path)?),
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(RuntimeError::SnapshotIncompatible {
