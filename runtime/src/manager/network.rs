@@ -221,6 +221,7 @@ impl Manager {
                 netns: path.to_path_buf(),
                 interface: interface.name.clone(),
                 tap,
+                mtu: interface.mtu,
             }),
         };
         self.inner
@@ -239,16 +240,14 @@ impl Manager {
         record: &SandboxRecord,
     ) -> Result<(), RuntimeError> {
         if let Some(attached) = attached_of(record) {
-            let net_err = |source: host::HostNetError| RuntimeError::Network {
-                name: record.name.clone(),
-                source: source.into(),
-            };
-            let interface = netns::inspect(&attached.netns, &attached.tap)
+            // What the namespace offers was read when the NIC was recorded
+            // (just before a create's boot).
+            return netns::attach(attached)
                 .await
-                .map_err(net_err)?;
-            return netns::attach(&attached.netns, &attached.tap, &interface)
-                .await
-                .map_err(net_err);
+                .map_err(|source| RuntimeError::Network {
+                    name: record.name.clone(),
+                    source: source.into(),
+                });
         }
         let Some(tap) = tap_of(record) else {
             return Ok(());

@@ -340,12 +340,13 @@ pub struct SandboxNet {
 }
 
 /// A netns-mode NIC: tap `tap` in namespace `netns`, joined by tc
-/// redirects to the namespace's `interface`.
+/// redirects to the namespace's `interface`, whose MTU it takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedNet {
     pub netns: PathBuf,
     pub interface: String,
     pub tap: String,
+    pub mtu: u32,
 }
 
 /// One port forward: `host_port` on the host reaches `guest_port` on the

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::host::{check_ifname, parse_json, run_tool, HostNetError, Link, TAP_PREFIX};
-use super::Ipv4Net;
+use super::{AttachedNet, Ipv4Net};
 
 /// What the guest takes over from the namespace's interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,18 +132,21 @@ fn is_tap(link: &Link) -> bool {
     link.kind() == "tun"
 }
 
-/// Makes tap `tap` in `netns` and joins it to `interface` (from
-/// [`inspect`]) both ways. A tap of that name from an earlier boot is made
-/// anew. On failure nothing is left.
-pub async fn attach(
-    netns: &Path,
-    tap: &str,
-    interface: &NetnsInterface,
-) -> Result<(), HostNetError> {
+/// Makes the tap of `attached` in its namespace and joins it to the
+/// namespace's interface both ways, with the interface's MTU. A tap of
+/// that name from an earlier boot is made anew; another sandbox's tap there
+/// is `NetnsTaken`. On failure nothing is left.
+pub async fn attach(attached: &AttachedNet) -> Result<(), HostNetError> {
+    let (netns, tap, interface) = (
+        attached.netns.as_path(),
+        attached.tap.as_str(),
+        attached.interface.as_str(),
+    );
     check_ifname(tap)?;
-    check_ifname(&interface.name)?;
-    let args = ["-j", "link", "show"];
+    check_ifname(interface)?;
+    let args = ["-d", "-j", "link", "show"];
     let links: Vec<Link> = parse_json(&args, &run_tool("ip", &args, Some(netns)).await?)?;
+    check_not_taken(netns, &links, tap)?;
     if links.iter().any(|l| l.ifname == tap) {
         run_tool("ip", &["link", "del", "dev", tap], Some(netns)).await?;
     }
@@ -154,24 +157,19 @@ pub async fn attach(
     )
     .await?;
     let result = async {
-        let mtu = interface.mtu.to_string();
+        let mtu = attached.mtu.to_string();
         run_tool(
             "ip",
             &["link", "set", "dev", tap, "mtu", &mtu, "up"],
             Some(netns),
         )
         .await?;
-        redirect(netns, &interface.name, tap).await?;
-        redirect(netns, tap, &interface.name).await
+        redirect(netns, interface, tap).await?;
+        redirect(netns, tap, interface).await
     }
     .await;
     if result.is_err() {
-        let attached = super::AttachedNet {
-            netns: netns.to_path_buf(),
-            interface: interface.name.clone(),
-            tap: tap.to_string(),
-        };
-        if let Err(error) = detach(&attached).await {
+        if let Err(error) = detach(attached).await {
             tracing::warn!(%tap, %error, "cannot undo a half-made attachment");
         }
     }
@@ -194,7 +192,7 @@ async fn redirect(netns: &Path, from: &str, to: &str) -> Result<(), HostNetError
 
 /// Removes the tap and the redirect of `attached`; a namespace that is
 /// gone (its owner deleted it, and everything in it) is fine.
-pub async fn detach(attached: &super::AttachedNet) -> Result<(), HostNetError> {
+pub async fn detach(attached: &AttachedNet) -> Result<(), HostNetError> {
     check_ifname(&attached.tap)?;
     check_ifname(&attached.interface)?;
     let netns = attached.netns.as_path();
